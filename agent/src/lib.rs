@@ -1,0 +1,144 @@
+//! rollwave-agent: the process on every instance. Joins the coordinator once,
+//! then keeps a session with it for good, reconnecting with jittered backoff.
+//!
+//! See ARCHITECTURE.md for the code map and the invariants.
+
+pub mod backoff;
+pub mod config;
+pub mod identity;
+pub mod imds;
+pub mod join;
+pub mod link;
+pub mod lock;
+
+use std::time::SystemTime;
+
+use rollwave_proto::v1 as pb;
+
+use crate::backoff::Backoff;
+use crate::config::{AgentConfig, ImdsMode};
+use crate::identity::{Identity, IdentityError};
+use crate::join::{JoinError, JoinRequest};
+use crate::lock::{LockError, StateDirLock};
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error(
+        "this instance has not joined yet and agent.toml has no join_token; create one with `rollwave token create --stack STACK`"
+    )]
+    NoJoinToken,
+    #[error("join failed: {0}")]
+    Join(JoinError),
+    #[error(
+        "the coordinator no longer accepts this instance ({0}); it was removed: remove {1} and join again with a new token"
+    )]
+    Removed(String, String),
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn unix_ms(time: SystemTime) -> i64 {
+    time.duration_since(SystemTime::UNIX_EPOCH)
+        .map(|since| i64::try_from(since.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn local_hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// What this instance says about itself, from the config, else EC2 metadata.
+async fn gather_facts(config: &AgentConfig) -> (pb::InstanceFacts, Option<String>) {
+    let mut zone = config.zone.clone();
+    let mut instance_id = config.instance_id.clone();
+    if config.imds == ImdsMode::Auto && (zone.is_none() || instance_id.is_none()) {
+        let metadata = imds::discover().await;
+        zone = zone.or(metadata.zone);
+        instance_id = instance_id.or(metadata.instance_id);
+    }
+    let facts = pb::InstanceFacts {
+        hostname: config.hostname.clone().unwrap_or_else(local_hostname),
+        layer: config.layer.clone(),
+        zone: zone.unwrap_or_default(),
+        tags: config.tags.clone().into_iter().collect(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+    };
+    (facts, instance_id)
+}
+
+fn is_refusal(error: &JoinError) -> bool {
+    matches!(error, JoinError::Refused(status) if matches!(
+        status.code(),
+        tonic::Code::PermissionDenied | tonic::Code::InvalidArgument | tonic::Code::NotFound | tonic::Code::FailedPrecondition
+    )) || matches!(error, JoinError::WrongStack { .. })
+}
+
+/// Joins (retrying while the coordinator cannot be reached) and stores the identity.
+async fn join_until_done(
+    config: &AgentConfig,
+    facts: &pb::InstanceFacts,
+    instance_id: Option<String>,
+) -> Result<Identity, AgentError> {
+    let token = config.join_token.as_ref().ok_or(AgentError::NoJoinToken)?;
+    let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
+    loop {
+        let request = JoinRequest {
+            facts: facts.clone(),
+            instance_id: instance_id.clone(),
+            expected_stack: config.stack.clone(),
+        };
+        match join::join(&config.coordinator, token, request).await {
+            Ok(identity) => {
+                identity.save(&config.tls_dir)?;
+                tracing::info!(instance = %identity.instance_id, stack = %identity.stack, "joined");
+                return Ok(identity);
+            }
+            Err(error) if is_refusal(&error) => return Err(AgentError::Join(error)),
+            Err(error) => {
+                let delay = backoff.next_delay(fastrand::f64());
+                tracing::warn!(error = %error, retry_in = ?delay, "join failed; retrying");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Runs the agent until a permanent error. Never returns `Ok`: callers stop it
+/// by dropping the future (on SIGTERM).
+pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
+    let _lock = StateDirLock::acquire(&config.state_dir)?;
+    let (facts, instance_id) = gather_facts(&config).await;
+    let mut identity = match Identity::load(&config.tls_dir)? {
+        Some(identity) => identity,
+        None => join_until_done(&config, &facts, instance_id).await?,
+    };
+    let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
+    loop {
+        let started = std::time::Instant::now();
+        let result = link::run_session(&config.coordinator, &mut identity, &config.tls_dir, facts.clone()).await;
+        match result {
+            Ok(()) => backoff.reset(),
+            Err(error) if error.is_permanent() => {
+                return Err(AgentError::Removed(
+                    error.to_string(),
+                    Identity::file(&config.tls_dir).display().to_string(),
+                ));
+            }
+            Err(error) => {
+                // A session that lasted a while was healthy: start backing off from the bottom.
+                if started.elapsed() > config.reconnect_max {
+                    backoff.reset();
+                }
+                let delay = backoff.next_delay(fastrand::f64());
+                tracing::warn!(error = %error, retry_in = ?delay, "session ended; reconnecting");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! The `rollwave` command line: the server, the demo, and the operator
+//! commands that talk to a coordinator over gRPC.
+
+pub mod output;
+pub mod profile;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use rollwave_proto::v1 as pb;
+use rollwave_proto::v1::operator_service_client::OperatorServiceClient;
+use tonic::metadata::MetadataValue;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use self::output::{InstanceView, OutputFormat, StackView, TokenView, print_item, print_list};
+use self::profile::{ConfigError, Profile, ProfileFlags};
+
+/// Exit code for a configuration the program cannot work with (sysexits EX_USAGE).
+pub const EXIT_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "rollwave",
+    version,
+    about = "Deploy releases to fleets of instances without taking the site down",
+    long_about = "Rollwave keeps every instance of a stack on the stack's approved release.\n\n\
+        `rollwave server` runs the coordinator; the other commands talk to it.\n\
+        Connection settings come from flags, else ROLLWAVE_ADDR / ROLLWAVE_TOKEN / ROLLWAVE_CA,\n\
+        else a config file (--config, ROLLWAVE_CONFIG, or ~/.config/rollwave/cli.toml).\n\
+        The server writes a ready-made one to DATA_DIR/cli.toml.\n\n\
+        Exit codes: 0 ok, 1 failure, 2 usage error, 64 bad configuration.",
+    after_help = "Try `rollwave demo` to watch a coordinator and six agents on this machine."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Output format of listings and `show`: readable table, or JSON for scripts
+    #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
+    pub output: OutputFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct ConnectionArgs {
+    /// Coordinator address, HOST:PORT [env: ROLLWAVE_ADDR]
+    #[arg(long, global = true)]
+    pub addr: Option<String>,
+    /// Operator token [env: ROLLWAVE_TOKEN]
+    #[arg(long, global = true, hide_env_values = true)]
+    pub token: Option<String>,
+    /// CA certificate of the coordinator, PEM [env: ROLLWAVE_CA]
+    #[arg(long, global = true)]
+    pub ca: Option<PathBuf>,
+    /// CLI config file (TOML with addr, ca, token or token_file) [env: ROLLWAVE_CONFIG]
+    #[arg(long, global = true)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the coordinator: gRPC over TLS, state in DATA_DIR
+    Server(ServerArgs),
+    /// Start a coordinator and local agents in a temporary directory and show them join
+    Demo(DemoArgs),
+    /// Create, list and show stacks
+    #[command(subcommand)]
+    Stack(StackCommand),
+    /// List, show and remove instances
+    #[command(subcommand)]
+    Instance(InstanceCommand),
+    /// Create, list and revoke join tokens
+    #[command(subcommand)]
+    Token(TokenCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Where the database, the CA and the operator token live (created if missing)
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address to listen on
+    #[arg(long, default_value = "0.0.0.0:7443")]
+    pub listen: SocketAddr,
+    /// Use this CA certificate (PEM) instead of creating one; needs --ca-key
+    #[arg(long, requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key of --ca-cert (PEM)
+    #[arg(long, requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+    /// Extra DNS name for the serving certificate (repeatable)
+    #[arg(long = "tls-name")]
+    pub tls_names: Vec<String>,
+    /// Lifetime of agent certificates; agents renew at two thirds of it
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    pub certificate_ttl: Duration,
+    /// How often agents send heartbeats
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub heartbeat_interval: Duration,
+    /// Without a session or heartbeat for this long, an instance shows offline
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    pub offline_after: Duration,
+    /// Without a heartbeat for this long, an instance shows lost
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub lost_after: Duration,
+    /// Open connections at most (handshaking or established)
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Drop clients that have not finished the TLS handshake by then
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub handshake_timeout: Duration,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Number of local agents
+    #[arg(long, default_value_t = 6)]
+    pub agents: usize,
+    /// Keep everything running until Ctrl-C instead of cleaning up at the end
+    #[arg(long)]
+    pub keep_running: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StackCommand {
+    /// Create a stack
+    Create {
+        name: String,
+        /// dev, staging or production
+        #[arg(long, default_value = "dev")]
+        stage: String,
+    },
+    /// List stacks
+    List,
+    /// Show one stack
+    Show { name: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceCommand {
+    /// List instances, with presence (online, offline, lost)
+    List {
+        /// Only this stack
+        #[arg(long)]
+        stack: Option<String>,
+    },
+    /// Show one instance
+    Show { id: String },
+    /// Forget an instance; its certificate stops working at once
+    Remove { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a join token and print it (one line, shown only once)
+    Create {
+        /// Stack the joining instances belong to
+        #[arg(long)]
+        stack: String,
+        /// How long the token is valid
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// How many instances may join with it
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+    },
+    /// List join tokens (never their secrets)
+    List {
+        #[arg(long)]
+        stack: Option<String>,
+    },
+    /// Revoke a join token
+    Revoke { id: String },
+}
+
+type AuthInterceptor = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
+pub type OperatorClient = OperatorServiceClient<InterceptedService<Channel, AuthInterceptor>>;
+
+/// Dials the coordinator as an operator.
+pub async fn operator_client(profile: &Profile) -> anyhow::Result<OperatorClient> {
+    let tls =
+        rollwave_trust::operator_client_config(&profile.ca_pem).map_err(|error| ConfigError(error.to_string()))?;
+    let channel = rollwave_trust::connect(
+        &profile.addr,
+        tls,
+        rollwave_trust::PUBLIC_SERVER_NAME,
+        &rollwave_trust::ChannelOptions::default(),
+    )
+    .await?;
+    let header: MetadataValue<_> = format!("Bearer {}", profile.token)
+        .parse()
+        .map_err(|_| ConfigError("the operator token contains characters not allowed in a header".into()))?;
+    let interceptor: AuthInterceptor = Box::new(move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", header.clone());
+        Ok(request)
+    });
+    Ok(OperatorServiceClient::with_interceptor(channel, interceptor))
+}
+
+/// Turns a gRPC status into an error whose message is the server's explanation.
+fn call_error(status: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+}
+
+/// Runs an operator command against the coordinator.
+pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> anyhow::Result<()> {
+    let flags = ProfileFlags {
+        addr: cli.connection.addr.clone(),
+        token: cli.connection.token.clone(),
+        ca: cli.connection.ca.clone(),
+        config: cli.connection.config.clone(),
+    };
+    let profile = profile::resolve(&flags, env)?;
+    let mut client = operator_client(&profile).await?;
+    let format = cli.output;
+    match cli.command {
+        Command::Stack(StackCommand::Create { name, stage }) => {
+            let stack = client
+                .create_stack(pb::CreateStackRequest { name, stage })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_item(format, &StackView::from(stack))
+        }
+        Command::Stack(StackCommand::List) => {
+            let stacks = client
+                .list_stacks(pb::ListStacksRequest {})
+                .await
+                .map_err(call_error)?
+                .into_inner()
+                .stacks;
+            print_list(format, &stacks.into_iter().map(StackView::from).collect::<Vec<_>>())
+        }
+        Command::Stack(StackCommand::Show { name }) => {
+            let stack = client
+                .get_stack(pb::GetStackRequest { name })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_item(format, &StackView::from(stack))
+        }
+        Command::Instance(InstanceCommand::List { stack }) => {
+            let instances = client
+                .list_instances(pb::ListInstancesRequest {
+                    stack: stack.unwrap_or_default(),
+                })
+                .await
+                .map_err(call_error)?
+                .into_inner()
+                .instances;
+            print_list(
+                format,
+                &instances.into_iter().map(InstanceView::from).collect::<Vec<_>>(),
+            )
+        }
+        Command::Instance(InstanceCommand::Show { id }) => {
+            let instance = client
+                .get_instance(pb::GetInstanceRequest { id })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            print_item(format, &InstanceView::from(instance))
+        }
+        Command::Instance(InstanceCommand::Remove { id }) => {
+            client
+                .remove_instance(pb::RemoveInstanceRequest { id: id.clone() })
+                .await
+                .map_err(call_error)?;
+            eprintln!("removed instance {id}; its certificate no longer works");
+            Ok(())
+        }
+        Command::Token(TokenCommand::Create { stack, ttl, uses }) => {
+            let created = client
+                .create_token(pb::CreateTokenRequest {
+                    stack,
+                    ttl_seconds: ttl.as_secs().max(1),
+                    uses,
+                })
+                .await
+                .map_err(call_error)?
+                .into_inner();
+            match format {
+                OutputFormat::Table => println!("{}", created.token),
+                OutputFormat::Json => {
+                    let info = created.info.map(TokenView::from);
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&serde_json::json!({ "token": created.token, "info": info }))?
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Token(TokenCommand::List { stack }) => {
+            let tokens = client
+                .list_tokens(pb::ListTokensRequest {
+                    stack: stack.unwrap_or_default(),
+                })
+                .await
+                .map_err(call_error)?
+                .into_inner()
+                .tokens;
+            print_list(format, &tokens.into_iter().map(TokenView::from).collect::<Vec<_>>())
+        }
+        Command::Token(TokenCommand::Revoke { id }) => {
+            client
+                .revoke_token(pb::RevokeTokenRequest { id: id.clone() })
+                .await
+                .map_err(call_error)?;
+            eprintln!("revoked join token {id}");
+            Ok(())
+        }
+        Command::Server(_) | Command::Demo(_) => {
+            unreachable!("server and demo are dispatched by main")
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! `rollwave.v1.AgentService`: joins, certificate renewals and agent sessions.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use rollwave_proto::v1 as pb;
+use rollwave_proto::v1::agent_message::Body as AgentBody;
+use rollwave_proto::v1::coordinator_message::Body as CoordinatorBody;
+use rollwave_trust::Fingerprint;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::{ServiceError, Shared, random_hex, secret_hash};
+use crate::ca::SignedCertificate;
+use crate::model::{InstanceFacts, ObservedRelease, TokenStatus, unix_ms, validate_name};
+use crate::sessions::Outbound;
+use crate::store::{IssuedCertificate, StoreError};
+
+/// Pushes queued for one agent before the session counts as stuck.
+const OUTBOUND_QUEUE: usize = 32;
+/// Tags an agent may declare, and their sizes: facts are for display.
+const MAX_TAGS: usize = 64;
+const MAX_FACT_LEN: usize = 256;
+
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    shared: Arc<Shared>,
+}
+
+impl AgentApi {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// The instance the caller's client certificate identifies.
+    fn caller<T>(&self, request: &Request<T>) -> Result<String, ServiceError> {
+        let certificates = request.peer_certs().ok_or_else(|| {
+            ServiceError::Unauthenticated(
+                "a client certificate is required: agents connect under the agent TLS name".into(),
+            )
+        })?;
+        let leaf = certificates
+            .first()
+            .ok_or_else(|| ServiceError::Unauthenticated("empty client certificate chain".into()))?;
+        self.shared
+            .issued
+            .instance_for(&Fingerprint::of_der(leaf))
+            .ok_or_else(|| ServiceError::Unauthenticated("this certificate no longer identifies an instance".into()))
+    }
+
+    /// Signs the CSR as `instance_id`'s certificate; returns it with the row to store.
+    fn sign(
+        &self,
+        csr_pem: &str,
+        instance_id: &str,
+        now: SystemTime,
+    ) -> Result<(SignedCertificate, IssuedCertificate), ServiceError> {
+        let signed = self.shared.ca.sign_instance_certificate(
+            csr_pem,
+            instance_id,
+            self.shared.settings.certificate_ttl,
+            OffsetDateTime::from(now),
+        )?;
+        let issued = IssuedCertificate {
+            fingerprint: signed.fingerprint.to_string(),
+            issued_at_ms: unix_ms(now),
+            not_after_ms: unix_ms(signed.not_after.into()),
+        };
+        Ok((signed, issued))
+    }
+
+    async fn join(&self, request: pb::JoinRequest) -> Result<pb::JoinResponse, ServiceError> {
+        let shared = &self.shared;
+        let facts = facts_from_proto(request.facts.unwrap_or_default())?;
+        let refused = || ServiceError::PermissionDenied("join token refused: unknown or wrong secret".into());
+        let token = match shared.store.get_token(&request.token_id).await {
+            Ok(token) => token,
+            Err(StoreError::NoSuchToken(_)) => return Err(refused()),
+            Err(error) => return Err(error.into()),
+        };
+        if secret_hash(&request.token_secret) != token.secret_sha256 {
+            shared
+                .audit(
+                    "agent",
+                    "instance.join",
+                    &token.stack,
+                    "denied",
+                    format!("token {}: wrong secret", token.id),
+                )
+                .await;
+            return Err(refused());
+        }
+        let now = SystemTime::now();
+        let status = token.status(unix_ms(now));
+        if status != TokenStatus::Active {
+            return Err(ServiceError::PermissionDenied(format!(
+                "join token {} is {}; create a new one with `rollwave token create --stack {}`",
+                token.id,
+                status.as_str(),
+                token.stack
+            )));
+        }
+        if !request.expected_stack.is_empty() && request.expected_stack != token.stack {
+            return Err(ServiceError::PermissionDenied(format!(
+                "join token {} is for stack {:?}, but this instance is configured for stack {:?}",
+                token.id, token.stack, request.expected_stack
+            )));
+        }
+        let instance_id = if request.requested_instance_id.is_empty() {
+            format!("i-{}", random_hex(8))
+        } else {
+            validate_name("instance id", &request.requested_instance_id)?;
+            request.requested_instance_id
+        };
+        let (signed, issued) = self.sign(&request.csr_pem, &instance_id, now)?;
+        shared
+            .store
+            .join_instance(&token.id, &instance_id, &token.stack, &facts, &issued, unix_ms(now))
+            .await?;
+        shared.issued.insert(signed.fingerprint, &instance_id);
+        shared
+            .audit(
+                &format!("instance:{instance_id}"),
+                "instance.join",
+                &instance_id,
+                "ok",
+                format!("stack {} zone {:?} token {}", token.stack, facts.zone, token.id),
+            )
+            .await;
+        tracing::info!(instance = %instance_id, stack = %token.stack, zone = %facts.zone, "instance joined");
+        Ok(pb::JoinResponse {
+            instance_id,
+            stack: token.stack,
+            certificate_pem: signed.pem,
+            ca_pem: shared.ca.certificate_pem().to_owned(),
+            not_after_unix_ms: issued.not_after_ms,
+        })
+    }
+
+    async fn renew(&self, instance_id: &str, request: pb::RenewRequest) -> Result<pb::RenewResponse, ServiceError> {
+        let shared = &self.shared;
+        let (signed, issued) = self.sign(&request.csr_pem, instance_id, SystemTime::now())?;
+        shared.store.add_certificate(instance_id, &issued).await?;
+        shared.issued.insert(signed.fingerprint, instance_id);
+        tracing::info!(instance = %instance_id, "certificate renewed");
+        Ok(pb::RenewResponse {
+            certificate_pem: signed.pem,
+            not_after_unix_ms: issued.not_after_ms,
+        })
+    }
+
+    /// Checks the hello, records it and registers the session.
+    async fn open_session(
+        &self,
+        instance_id: &str,
+        inbound: &mut Streaming<pb::AgentMessage>,
+    ) -> Result<(Outbound, mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>, u64), Status> {
+        let shared = &self.shared;
+        let first = tokio::time::timeout(shared.settings.hello_timeout, inbound.next())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no hello within the hello timeout"))?;
+        let hello = match first {
+            Some(Ok(pb::AgentMessage {
+                body: Some(AgentBody::Hello(hello)),
+            })) => hello,
+            Some(Err(status)) => return Err(status),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first message of a session must be a hello",
+                ));
+            }
+        };
+        if !hello.instance_id.is_empty() && hello.instance_id != instance_id {
+            shared
+                .audit(
+                    &format!("instance:{instance_id}"),
+                    "session.open",
+                    &hello.instance_id,
+                    "denied",
+                    "tried to speak for another instance".into(),
+                )
+                .await;
+            return Err(Status::permission_denied(format!(
+                "this certificate identifies instance {instance_id}; it cannot speak for {}",
+                hello.instance_id
+            )));
+        }
+        let facts = facts_from_proto(hello.facts.unwrap_or_default()).map_err(Status::from)?;
+        let observed: Vec<ObservedRelease> = hello
+            .observed
+            .into_iter()
+            .map(|release| ObservedRelease {
+                bundle: release.bundle,
+                version: release.version,
+                sha256: release.sha256,
+                state: release.state,
+            })
+            .collect();
+        shared
+            .store
+            .record_hello(instance_id, &facts, &observed, unix_ms(SystemTime::now()))
+            .await
+            .map_err(|error| Status::from(ServiceError::from(error)))?;
+        let instance = shared
+            .store
+            .get_instance(instance_id)
+            .await
+            .map_err(|error| Status::from(ServiceError::from(error)))?;
+        let ack = pb::HelloAck {
+            instance_id: instance_id.to_owned(),
+            stack: instance.stack,
+            heartbeat_interval_ms: u32::try_from(shared.settings.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
+        };
+        let (sender, receiver) = mpsc::channel(OUTBOUND_QUEUE);
+        sender
+            .try_send(Ok(pb::CoordinatorMessage {
+                body: Some(CoordinatorBody::HelloAck(ack)),
+            }))
+            .expect("a fresh queue has room for the acknowledgement");
+        let session_id = shared.sessions.open(instance_id, sender.clone());
+        Ok((sender, receiver, session_id))
+    }
+}
+
+/// Reads the session's messages until it ends, then forgets the session.
+async fn serve_session(
+    shared: Arc<Shared>,
+    instance_id: String,
+    session_id: u64,
+    mut inbound: Streaming<pb::AgentMessage>,
+    outbound: Outbound,
+) {
+    while let Some(message) = inbound.next().await {
+        let body = match message {
+            Ok(pb::AgentMessage { body: Some(body) }) => body,
+            Ok(pb::AgentMessage { body: None }) => continue,
+            Err(status) => {
+                tracing::debug!(instance = %instance_id, %status, "session stream error");
+                break;
+            }
+        };
+        match body {
+            AgentBody::Heartbeat(heartbeat) => {
+                if let Err(error) = shared
+                    .store
+                    .touch_instance(&instance_id, unix_ms(SystemTime::now()))
+                    .await
+                {
+                    tracing::warn!(instance = %instance_id, %error, "could not record heartbeat");
+                }
+                let ack = pb::CoordinatorMessage {
+                    body: Some(CoordinatorBody::HeartbeatAck(pb::HeartbeatAck {
+                        sequence: heartbeat.sequence,
+                    })),
+                };
+                // A full queue means the agent is not reading; its missing acks will tell it.
+                let _ = outbound.try_send(Ok(ack));
+            }
+            AgentBody::Hello(_) => {
+                tracing::warn!(instance = %instance_id, "second hello in one session ignored");
+            }
+            AgentBody::Progress(_) | AgentBody::Health(_) | AgentBody::HookOutput(_) => {
+                // Deployment events arrive with the rollout work; until then they are noted.
+                tracing::debug!(instance = %instance_id, "deployment event received");
+            }
+        }
+    }
+    shared.sessions.close(&instance_id, session_id);
+    tracing::info!(instance = %instance_id, "session ended");
+}
+
+fn facts_from_proto(facts: pb::InstanceFacts) -> Result<InstanceFacts, ServiceError> {
+    for (what, value) in [("layer", &facts.layer), ("zone", &facts.zone)] {
+        if !value.is_empty() {
+            validate_name(what, value)?;
+        }
+    }
+    let too_long = |value: &str| value.len() > MAX_FACT_LEN;
+    if facts.tags.len() > MAX_TAGS
+        || facts.tags.iter().any(|(key, value)| too_long(key) || too_long(value))
+        || too_long(&facts.hostname)
+        || too_long(&facts.agent_version)
+    {
+        return Err(ServiceError::BadRequest(format!(
+            "instance facts too large: at most {MAX_TAGS} tags, {MAX_FACT_LEN} bytes per value"
+        )));
+    }
+    Ok(InstanceFacts {
+        hostname: facts.hostname,
+        layer: facts.layer,
+        zone: facts.zone,
+        tags: facts.tags.into_iter().collect::<BTreeMap<_, _>>(),
+        agent_version: facts.agent_version,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    async fn join(&self, request: Request<pb::JoinRequest>) -> Result<Response<pb::JoinResponse>, Status> {
+        Ok(Response::new(AgentApi::join(self, request.into_inner()).await?))
+    }
+
+    async fn renew(&self, request: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let instance_id = self.caller(&request)?;
+        Ok(Response::new(
+            AgentApi::renew(self, &instance_id, request.into_inner()).await?,
+        ))
+    }
+
+    type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let instance_id = self.caller(&request)?;
+        let mut inbound = request.into_inner();
+        let (outbound, receiver, session_id) = self.open_session(&instance_id, &mut inbound).await?;
+        tracing::info!(instance = %instance_id, "session opened");
+        tokio::spawn(serve_session(
+            self.shared.clone(),
+            instance_id,
+            session_id,
+            inbound,
+            outbound,
+        ));
+        Ok(Response::new(ReceiverStream::new(receiver)))
+    }
+}

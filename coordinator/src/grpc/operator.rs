@@ -1,0 +1,333 @@
+//! `rollwave.v1.OperatorService`: stacks, instances and join tokens, for
+//! authenticated operators only.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rollwave_proto::v1 as pb;
+use rollwave_trust::JoinToken;
+use tonic::{Request, Response, Status};
+
+use super::{ServiceError, Shared, random_hex, secret_hash};
+use crate::model::{Instance, JoinTokenRecord, Stack, Stage, unix_ms, validate_name};
+
+/// Longest join token lifetime: a token is a bootstrap credential, not an account.
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+const MAX_TOKEN_USES: u32 = 100_000;
+
+/// The authenticated operator, put into request extensions by [`OperatorAuth`].
+#[derive(Debug, Clone)]
+pub struct Operator {
+    pub name: String,
+}
+
+/// Checks `authorization: Bearer <token>` against the operators' token hashes.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorAuth {
+    by_token_hash: Arc<RwLock<HashMap<String, String>>>,
+}
+
+impl OperatorAuth {
+    pub fn new(operators: impl IntoIterator<Item = (String, String)>) -> Self {
+        let map = operators.into_iter().map(|(name, hash)| (hash, name)).collect();
+        Self {
+            by_token_hash: Arc::new(RwLock::new(map)),
+        }
+    }
+
+    pub fn check<T>(&self, mut request: Request<T>) -> Result<Request<T>, Status> {
+        let header = request
+            .metadata()
+            .get("authorization")
+            .ok_or_else(|| Status::unauthenticated("missing operator token: pass --token or set ROLLWAVE_TOKEN"))?;
+        let token = header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or_else(|| Status::unauthenticated("authorization must be \"Bearer <operator token>\""))?;
+        let name = self
+            .by_token_hash
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(&secret_hash(token.trim()))
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unknown operator token"))?;
+        request.extensions_mut().insert(Operator { name });
+        Ok(request)
+    }
+}
+
+impl tonic::service::Interceptor for OperatorAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        self.check(request)
+    }
+}
+
+fn operator_of<T>(request: &Request<T>) -> String {
+    request
+        .extensions()
+        .get::<Operator>()
+        .map(|operator| operator.name.clone())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+#[derive(Debug, Clone)]
+pub struct OperatorApi {
+    shared: Arc<Shared>,
+}
+
+impl OperatorApi {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    fn instance_to_proto(&self, instance: Instance, now_ms: i64) -> pb::Instance {
+        let presence = self.shared.settings.presence.presence(
+            self.shared.sessions.is_connected(&instance.id),
+            instance.last_seen_ms,
+            now_ms,
+        );
+        pb::Instance {
+            id: instance.id,
+            stack: instance.stack,
+            hostname: instance.facts.hostname,
+            layer: instance.facts.layer,
+            zone: instance.facts.zone,
+            tags: instance.facts.tags.into_iter().collect(),
+            agent_version: instance.facts.agent_version,
+            presence: presence.as_str().to_owned(),
+            last_seen_unix_ms: instance.last_seen_ms,
+            joined_at_unix_ms: instance.joined_at_ms,
+            observed: instance
+                .observed
+                .into_iter()
+                .map(|release| pb::InstanceRelease {
+                    bundle: release.bundle,
+                    version: release.version,
+                    sha256: release.sha256,
+                    state: release.state,
+                })
+                .collect(),
+            certificate_not_after_unix_ms: instance.certificate_not_after_ms,
+        }
+    }
+}
+
+fn stack_to_proto(stack: Stack) -> pb::Stack {
+    pb::Stack {
+        name: stack.name,
+        stage: stack.stage.as_str().to_owned(),
+        created_at_unix_ms: stack.created_at_ms,
+        instance_count: stack.instance_count,
+    }
+}
+
+fn token_to_proto(token: &JoinTokenRecord, now_ms: i64) -> pb::Token {
+    pb::Token {
+        id: token.id.clone(),
+        stack: token.stack.clone(),
+        created_at_unix_ms: token.created_at_ms,
+        expires_at_unix_ms: token.expires_at_ms,
+        uses_left: token.uses_left,
+        uses_total: token.uses_total,
+        revoked: token.revoked,
+        status: token.status(now_ms).as_str().to_owned(),
+    }
+}
+
+fn optional(value: &str) -> Option<&str> {
+    (!value.is_empty()).then_some(value)
+}
+
+#[tonic::async_trait]
+impl pb::operator_service_server::OperatorService for OperatorApi {
+    async fn create_stack(&self, request: Request<pb::CreateStackRequest>) -> Result<Response<pb::Stack>, Status> {
+        let actor = operator_of(&request);
+        let request = request.into_inner();
+        validate_name("stack name", &request.name).map_err(ServiceError::from)?;
+        let stage: Stage = request.stage.parse().map_err(ServiceError::from)?;
+        let shared = &self.shared;
+        shared
+            .store
+            .create_stack(&request.name, stage, unix_ms(SystemTime::now()))
+            .await
+            .map_err(ServiceError::from)?;
+        shared
+            .audit(&actor, "stack.create", &request.name, "ok", format!("stage {stage}"))
+            .await;
+        let stack = shared
+            .store
+            .get_stack(&request.name)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(stack_to_proto(stack)))
+    }
+
+    async fn list_stacks(
+        &self,
+        _request: Request<pb::ListStacksRequest>,
+    ) -> Result<Response<pb::ListStacksResponse>, Status> {
+        let stacks = self.shared.store.list_stacks().await.map_err(ServiceError::from)?;
+        Ok(Response::new(pb::ListStacksResponse {
+            stacks: stacks.into_iter().map(stack_to_proto).collect(),
+        }))
+    }
+
+    async fn get_stack(&self, request: Request<pb::GetStackRequest>) -> Result<Response<pb::Stack>, Status> {
+        let stack = self
+            .shared
+            .store
+            .get_stack(&request.into_inner().name)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(stack_to_proto(stack)))
+    }
+
+    async fn list_instances(
+        &self,
+        request: Request<pb::ListInstancesRequest>,
+    ) -> Result<Response<pb::ListInstancesResponse>, Status> {
+        let request = request.into_inner();
+        let stack = optional(&request.stack);
+        if let Some(stack) = stack {
+            self.shared.store.get_stack(stack).await.map_err(ServiceError::from)?;
+        }
+        let instances = self
+            .shared
+            .store
+            .list_instances(stack)
+            .await
+            .map_err(ServiceError::from)?;
+        let now_ms = unix_ms(SystemTime::now());
+        Ok(Response::new(pb::ListInstancesResponse {
+            instances: instances
+                .into_iter()
+                .map(|instance| self.instance_to_proto(instance, now_ms))
+                .collect(),
+        }))
+    }
+
+    async fn get_instance(&self, request: Request<pb::GetInstanceRequest>) -> Result<Response<pb::Instance>, Status> {
+        let instance = self
+            .shared
+            .store
+            .get_instance(&request.into_inner().id)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(
+            self.instance_to_proto(instance, unix_ms(SystemTime::now())),
+        ))
+    }
+
+    async fn remove_instance(
+        &self,
+        request: Request<pb::RemoveInstanceRequest>,
+    ) -> Result<Response<pb::RemoveInstanceResponse>, Status> {
+        let actor = operator_of(&request);
+        let id = request.into_inner().id;
+        let shared = &self.shared;
+        shared.store.remove_instance(&id).await.map_err(ServiceError::from)?;
+        // Forget the certificate before ending the session, so a reconnect fails its handshake.
+        shared.issued.remove_instance(&id);
+        shared.sessions.evict(
+            &id,
+            Status::permission_denied("this instance was removed by an operator"),
+        );
+        shared.audit(&actor, "instance.remove", &id, "ok", String::new()).await;
+        Ok(Response::new(pb::RemoveInstanceResponse {}))
+    }
+
+    async fn create_token(
+        &self,
+        request: Request<pb::CreateTokenRequest>,
+    ) -> Result<Response<pb::CreateTokenResponse>, Status> {
+        let actor = operator_of(&request);
+        let request = request.into_inner();
+        let ttl = match request.ttl_seconds {
+            0 => DEFAULT_TOKEN_TTL,
+            seconds => Duration::from_secs(seconds),
+        };
+        if ttl > MAX_TOKEN_TTL {
+            return Err(ServiceError::BadRequest(format!(
+                "token ttl {} is longer than the maximum of {}",
+                humantime::format_duration(ttl),
+                humantime::format_duration(MAX_TOKEN_TTL)
+            ))
+            .into());
+        }
+        let uses = request.uses.max(1);
+        if uses > MAX_TOKEN_USES {
+            return Err(ServiceError::BadRequest(format!("at most {MAX_TOKEN_USES} uses per token")).into());
+        }
+        let now_ms = unix_ms(SystemTime::now());
+        let token = JoinToken {
+            id: random_hex(6),
+            secret: random_hex(16),
+            ca: self.shared.ca.fingerprint(),
+        };
+        let record = JoinTokenRecord {
+            id: token.id.clone(),
+            stack: request.stack.clone(),
+            secret_sha256: secret_hash(&token.secret),
+            created_at_ms: now_ms,
+            expires_at_ms: now_ms.saturating_add(i64::try_from(ttl.as_millis()).unwrap_or(i64::MAX)),
+            uses_total: uses,
+            uses_left: uses,
+            revoked: false,
+        };
+        self.shared
+            .store
+            .create_token(&record, &actor)
+            .await
+            .map_err(ServiceError::from)?;
+        self.shared
+            .audit(
+                &actor,
+                "token.create",
+                &record.id,
+                "ok",
+                format!(
+                    "stack {} uses {uses} ttl {}",
+                    record.stack,
+                    humantime::format_duration(ttl)
+                ),
+            )
+            .await;
+        Ok(Response::new(pb::CreateTokenResponse {
+            token: token.to_string(),
+            info: Some(token_to_proto(&record, now_ms)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        request: Request<pb::ListTokensRequest>,
+    ) -> Result<Response<pb::ListTokensResponse>, Status> {
+        let request = request.into_inner();
+        let tokens = self
+            .shared
+            .store
+            .list_tokens(optional(&request.stack))
+            .await
+            .map_err(ServiceError::from)?;
+        let now_ms = unix_ms(SystemTime::now());
+        Ok(Response::new(pb::ListTokensResponse {
+            tokens: tokens.iter().map(|token| token_to_proto(token, now_ms)).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        request: Request<pb::RevokeTokenRequest>,
+    ) -> Result<Response<pb::RevokeTokenResponse>, Status> {
+        let actor = operator_of(&request);
+        let id = request.into_inner().id;
+        self.shared.store.revoke_token(&id).await.map_err(ServiceError::from)?;
+        self.shared
+            .audit(&actor, "token.revoke", &id, "ok", String::new())
+            .await;
+        Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+}

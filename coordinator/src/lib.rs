@@ -1,0 +1,15 @@
+//! The Rollwave coordinator (`rollwave server`) and the operator CLI.
+//!
+//! See ARCHITECTURE.md for the code map and the invariants.
+
+pub mod ca;
+pub mod cli;
+pub mod demo;
+pub mod grpc;
+pub mod identity;
+pub mod listener;
+pub mod model;
+pub mod presence;
+pub mod server;
+pub mod sessions;
+pub mod store;

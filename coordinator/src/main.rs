@@ -1,0 +1,97 @@
+//! `rollwave`: parses the command line, runs the command, maps the outcome
+//! to an exit code (0 ok, 1 failure, 2 usage, 64 bad configuration).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use rollwave_coordinator::cli::profile::{ConfigError, ProcessEnvironment};
+use rollwave_coordinator::cli::{Cli, Command, EXIT_CONFIG, ServerArgs, run_operator_command};
+use rollwave_coordinator::grpc::ServiceSettings;
+use rollwave_coordinator::listener::ListenerLimits;
+use rollwave_coordinator::presence::PresencePolicy;
+use rollwave_coordinator::server::{self, ServerError, ServerOptions};
+use rollwave_coordinator::{ca::CaFiles, demo};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let default_level = match cli.command {
+        Command::Server(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Server(args) => run_server(args).await,
+            Command::Demo(args) => demo::run(args).await,
+            _ => run_operator_command(cli, &ProcessEnvironment).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            if is_configuration_error(&error) {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn is_configuration_error(error: &anyhow::Error) -> bool {
+    error.downcast_ref::<ConfigError>().is_some()
+        || matches!(
+            error.downcast_ref::<ServerError>(),
+            Some(ServerError::DataDir { .. } | ServerError::Ca(_))
+        )
+}
+
+async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let mut options = ServerOptions::new(args.data_dir, args.listen);
+    options.ca_files = args
+        .ca_cert
+        .zip(args.ca_key)
+        .map(|(certificate, key)| CaFiles { certificate, key });
+    options.tls_names = args.tls_names;
+    options.settings = ServiceSettings {
+        certificate_ttl: args.certificate_ttl,
+        heartbeat_interval: args.heartbeat_interval,
+        presence: PresencePolicy {
+            offline_after: args.offline_after,
+            lost_after: args.lost_after,
+        },
+        ..options.settings
+    };
+    options.limits.listener = ListenerLimits {
+        max_connections: args.max_connections,
+        handshake_timeout: args.handshake_timeout,
+    };
+    let mut running = server::start(options).await?;
+    eprintln!(
+        "rollwave coordinator listening on {}\n  operator CLI: rollwave --config {} instance list",
+        running.local_addr,
+        running.files.cli_config.display()
+    );
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        result = running.wait() => return Ok(result?),
+        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: shutting down"),
+    }
+    running.shutdown().await?;
+    Ok(())
+}

@@ -1,0 +1,218 @@
+//! The coordinator's domain types, free of protobuf and SQL: what a stack,
+//! an instance and a join token are, and the rules for their names.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch: the one time format in the store and on the wire.
+pub fn unix_ms(time: std::time::SystemTime) -> i64 {
+    match time.duration_since(std::time::UNIX_EPOCH) {
+        Ok(since) => i64::try_from(since.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Longest stack, layer, zone or instance name we accept.
+const MAX_NAME_LEN: usize = 64;
+
+/// Why a name or enumerated value supplied by a user was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidInput {
+    #[error(
+        "invalid {what} {value:?}: use 1 to {MAX_NAME_LEN} characters from A-Z a-z 0-9 . _ -, starting with a letter or digit"
+    )]
+    Name { what: &'static str, value: String },
+    #[error("invalid stage {0:?}: expected dev, staging or production")]
+    Stage(String),
+}
+
+/// Checks a stack, layer, zone or instance name.
+pub fn validate_name(what: &'static str, value: &str) -> Result<(), InvalidInput> {
+    let mut chars = value.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
+    let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+    if first_ok && rest_ok && value.len() <= MAX_NAME_LEN {
+        Ok(())
+    } else {
+        Err(InvalidInput::Name {
+            what,
+            value: value.to_owned(),
+        })
+    }
+}
+
+/// Where a stack sits on the way to production.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Dev,
+    Staging,
+    Production,
+}
+
+impl Stage {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stage::Dev => "dev",
+            Stage::Staging => "staging",
+            Stage::Production => "production",
+        }
+    }
+}
+
+impl fmt::Display for Stage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Stage {
+    type Err = InvalidInput;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "dev" => Ok(Stage::Dev),
+            "staging" => Ok(Stage::Staging),
+            "production" => Ok(Stage::Production),
+            other => Err(InvalidInput::Stage(other.to_owned())),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stack {
+    pub name: String,
+    pub stage: Stage,
+    pub created_at_ms: i64,
+    pub instance_count: u32,
+}
+
+/// What an agent says about its instance. Descriptive only: identity comes
+/// from the client certificate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InstanceFacts {
+    pub hostname: String,
+    pub layer: String,
+    pub zone: String,
+    pub tags: BTreeMap<String, String>,
+    pub agent_version: String,
+}
+
+/// A release an agent reports having on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObservedRelease {
+    pub bundle: String,
+    pub version: String,
+    pub sha256: String,
+    pub state: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub stack: String,
+    pub facts: InstanceFacts,
+    pub joined_at_ms: i64,
+    pub last_seen_ms: i64,
+    pub observed: Vec<ObservedRelease>,
+    pub certificate_not_after_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    pub id: String,
+    pub stack: String,
+    pub secret_sha256: String,
+    pub created_at_ms: i64,
+    pub expires_at_ms: i64,
+    pub uses_total: u32,
+    pub uses_left: u32,
+    pub revoked: bool,
+}
+
+/// Whether a join token can still be used, and if not, why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenStatus {
+    Active,
+    Expired,
+    Used,
+    Revoked,
+}
+
+impl TokenStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenStatus::Active => "active",
+            TokenStatus::Expired => "expired",
+            TokenStatus::Used => "used",
+            TokenStatus::Revoked => "revoked",
+        }
+    }
+}
+
+impl JoinTokenRecord {
+    /// Revocation wins over use, use over expiry: the most deliberate reason first.
+    pub fn status(&self, now_ms: i64) -> TokenStatus {
+        if self.revoked {
+            TokenStatus::Revoked
+        } else if self.uses_left == 0 {
+            TokenStatus::Used
+        } else if now_ms >= self.expires_at_ms {
+            TokenStatus::Expired
+        } else {
+            TokenStatus::Active
+        }
+    }
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event {
+    pub at_ms: i64,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_documented_rule() {
+        for good in ["web", "web-1", "eu.west_1a", "A", &"x".repeat(64)] {
+            assert_eq!(validate_name("stack", good), Ok(()), "{good}");
+        }
+        for bad in ["", "-web", ".hidden", "a/b", "a b", "ünï", &"x".repeat(65)] {
+            assert!(validate_name("stack", bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn token_status_names_the_most_deliberate_reason() {
+        let token = JoinTokenRecord {
+            id: "t".into(),
+            stack: "web".into(),
+            secret_sha256: String::new(),
+            created_at_ms: 0,
+            expires_at_ms: 100,
+            uses_total: 1,
+            uses_left: 1,
+            revoked: false,
+        };
+        assert_eq!(token.status(99), TokenStatus::Active);
+        assert_eq!(token.status(100), TokenStatus::Expired);
+        let used = JoinTokenRecord {
+            uses_left: 0,
+            ..token.clone()
+        };
+        assert_eq!(used.status(200), TokenStatus::Used);
+        let revoked = JoinTokenRecord { revoked: true, ..used };
+        assert_eq!(revoked.status(0), TokenStatus::Revoked);
+    }
+}

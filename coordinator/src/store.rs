@@ -1,0 +1,643 @@
+//! Durable state: the embedded SQLite database under the data dir.
+//!
+//! Queries use `$N` placeholders and plain types (TEXT, BIGINT, BOOLEAN) so
+//! that a PostgreSQL backend can run the same statements; only the connection
+//! setup and the migration files are per database. Every write that must not
+//! be lost is committed (and, with `synchronous = FULL`, fsynced) before the
+//! caller acts on it.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Row, SqlSafeStr, SqlitePool};
+
+use crate::model::{Event, Instance, InstanceFacts, JoinTokenRecord, ObservedRelease, Stack, Stage};
+
+/// The SQLite migrations, embedded so the binary carries its own schema.
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "initial", include_str!("../migrations/sqlite/0001_initial.sql"))];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("open database {path}: {source}")]
+    Open {
+        path: String,
+        #[source]
+        source: sqlx::Error,
+    },
+    #[error("migrate database schema: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("database: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("stack {0:?} already exists")]
+    StackExists(String),
+    #[error("stack {0:?} does not exist; create it with `rollwave stack create {0}`")]
+    NoSuchStack(String),
+    #[error("instance {0:?} does not exist")]
+    NoSuchInstance(String),
+    #[error("join token {0:?} does not exist")]
+    NoSuchToken(String),
+    #[error("join token {id:?} cannot be used: {reason}")]
+    TokenUnusable { id: String, reason: &'static str },
+    #[error("instance {id:?} already belongs to stack {stack:?}")]
+    InstanceInOtherStack { id: String, stack: String },
+}
+
+/// A newly issued certificate, to record with its instance.
+#[derive(Debug, Clone)]
+pub struct IssuedCertificate {
+    pub fingerprint: String,
+    pub issued_at_ms: i64,
+    pub not_after_ms: i64,
+}
+
+/// A certificate that currently identifies an instance.
+#[derive(Debug, Clone)]
+pub struct CertificateRecord {
+    pub fingerprint: String,
+    pub instance_id: String,
+    pub not_after_ms: i64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Store {
+    pool: SqlitePool,
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+impl Store {
+    /// Opens (creating if needed) the database file and brings its schema up to date.
+    pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Open {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let migrations = SQLITE_MIGRATIONS
+            .iter()
+            .map(|(version, description, sql)| {
+                Migration::new(
+                    *version,
+                    (*description).into(),
+                    MigrationType::Simple,
+                    sqlx::AssertSqlSafe(*sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        Migrator::with_migrations(migrations).run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    // ---- stacks -------------------------------------------------------
+
+    pub async fn create_stack(&self, name: &str, stage: Stage, now_ms: i64) -> Result<(), StoreError> {
+        let result = sqlx::query("INSERT INTO stacks (name, stage, created_at) VALUES ($1, $2, $3)")
+            .bind(name)
+            .bind(stage.as_str())
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await;
+        match result {
+            Ok(_) => Ok(()),
+            Err(error) if is_unique_violation(&error) => Err(StoreError::StackExists(name.to_owned())),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    pub async fn list_stacks(&self) -> Result<Vec<Stack>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT s.name, s.stage, s.created_at, \
+                    (SELECT COUNT(*) FROM instances i WHERE i.stack = s.name) AS instance_count \
+             FROM stacks s ORDER BY s.name",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(stack_from_row).collect()
+    }
+
+    pub async fn get_stack(&self, name: &str) -> Result<Stack, StoreError> {
+        let row = sqlx::query(
+            "SELECT s.name, s.stage, s.created_at, \
+                    (SELECT COUNT(*) FROM instances i WHERE i.stack = s.name) AS instance_count \
+             FROM stacks s WHERE s.name = $1",
+        )
+        .bind(name)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NoSuchStack(name.to_owned()))?;
+        stack_from_row(&row)
+    }
+
+    // ---- join tokens --------------------------------------------------
+
+    pub async fn create_token(&self, token: &JoinTokenRecord, created_by: &str) -> Result<(), StoreError> {
+        self.get_stack(&token.stack).await?;
+        sqlx::query(
+            "INSERT INTO join_tokens (id, stack, secret_sha256, created_at, created_by, expires_at, uses_total, uses_left, revoked) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, FALSE)",
+        )
+        .bind(&token.id)
+        .bind(&token.stack)
+        .bind(&token.secret_sha256)
+        .bind(token.created_at_ms)
+        .bind(created_by)
+        .bind(token.expires_at_ms)
+        .bind(i64::from(token.uses_total))
+        .bind(i64::from(token.uses_left))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn list_tokens(&self, stack: Option<&str>) -> Result<Vec<JoinTokenRecord>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, stack, secret_sha256, created_at, expires_at, uses_total, uses_left, revoked \
+             FROM join_tokens WHERE ($1 IS NULL OR stack = $1) ORDER BY created_at, id",
+        )
+        .bind(stack)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    pub async fn get_token(&self, id: &str) -> Result<JoinTokenRecord, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, stack, secret_sha256, created_at, expires_at, uses_total, uses_left, revoked \
+             FROM join_tokens WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NoSuchToken(id.to_owned()))?;
+        token_from_row(&row)
+    }
+
+    pub async fn revoke_token(&self, id: &str) -> Result<(), StoreError> {
+        let result = sqlx::query("UPDATE join_tokens SET revoked = TRUE WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        if result.rows_affected() == 0 {
+            return Err(StoreError::NoSuchToken(id.to_owned()));
+        }
+        Ok(())
+    }
+
+    // ---- joining and certificates --------------------------------------
+
+    /// Spends one use of `token_id` and records the instance with its first
+    /// certificate, atomically: either all of it happens or none. Of many
+    /// joins racing for the last use, exactly one commits.
+    pub async fn join_instance(
+        &self,
+        token_id: &str,
+        instance_id: &str,
+        stack: &str,
+        facts: &InstanceFacts,
+        certificate: &IssuedCertificate,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let spent = sqlx::query(
+            "UPDATE join_tokens SET uses_left = uses_left - 1 \
+             WHERE id = $1 AND uses_left > 0 AND revoked = FALSE AND expires_at > $2",
+        )
+        .bind(token_id)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        if spent.rows_affected() != 1 {
+            return Err(StoreError::TokenUnusable {
+                id: token_id.to_owned(),
+                reason: "used up, revoked or expired",
+            });
+        }
+        let existing: Option<String> = sqlx::query_scalar("SELECT stack FROM instances WHERE id = $1")
+            .bind(instance_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        match existing {
+            Some(existing_stack) if existing_stack != stack => {
+                return Err(StoreError::InstanceInOtherStack {
+                    id: instance_id.to_owned(),
+                    stack: existing_stack,
+                });
+            }
+            Some(_) => {
+                // A re-join (the host was rebuilt): its old certificates stop working.
+                sqlx::query("DELETE FROM certificates WHERE instance_id = $1")
+                    .bind(instance_id)
+                    .execute(&mut *tx)
+                    .await?;
+                update_facts(&mut tx, instance_id, facts, now_ms).await?;
+            }
+            None => {
+                sqlx::query(
+                    "INSERT INTO instances (id, stack, hostname, layer, zone, tags, agent_version, joined_at, last_seen) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+                )
+                .bind(instance_id)
+                .bind(stack)
+                .bind(&facts.hostname)
+                .bind(&facts.layer)
+                .bind(&facts.zone)
+                .bind(tags_to_json(&facts.tags))
+                .bind(&facts.agent_version)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?;
+            }
+        }
+        insert_certificate(&mut tx, instance_id, certificate).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a renewed certificate. The old one keeps working until it
+    /// expires, so a renewal lost on the way back does not lock the agent out.
+    pub async fn add_certificate(&self, instance_id: &str, certificate: &IssuedCertificate) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        insert_certificate(&mut tx, instance_id, certificate).await?;
+        sqlx::query("DELETE FROM certificates WHERE instance_id = $1 AND not_after < $2")
+            .bind(instance_id)
+            .bind(certificate.issued_at_ms)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    pub async fn list_certificates(&self) -> Result<Vec<CertificateRecord>, StoreError> {
+        let rows = sqlx::query("SELECT fingerprint, instance_id, not_after FROM certificates")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(CertificateRecord {
+                    fingerprint: row.try_get("fingerprint")?,
+                    instance_id: row.try_get("instance_id")?,
+                    not_after_ms: row.try_get("not_after")?,
+                })
+            })
+            .collect()
+    }
+
+    // ---- instances ----------------------------------------------------
+
+    pub async fn list_instances(&self, stack: Option<&str>) -> Result<Vec<Instance>, StoreError> {
+        // Both fragments are constants: nothing from the caller is spliced in.
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{INSTANCE_SELECT} WHERE ($1 IS NULL OR i.stack = $1) ORDER BY i.stack, i.zone, i.id"
+        )))
+        .bind(stack)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(instance_from_row).collect()
+    }
+
+    pub async fn get_instance(&self, id: &str) -> Result<Instance, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("{INSTANCE_SELECT} WHERE i.id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?
+            .ok_or_else(|| StoreError::NoSuchInstance(id.to_owned()))?;
+        instance_from_row(&row)
+    }
+
+    /// Forgets an instance and every certificate it was issued.
+    pub async fn remove_instance(&self, id: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        sqlx::query("DELETE FROM certificates WHERE instance_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let removed = sqlx::query("DELETE FROM instances WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        if removed.rows_affected() == 0 {
+            return Err(StoreError::NoSuchInstance(id.to_owned()));
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Stores what the agent said in its hello.
+    pub async fn record_hello(
+        &self,
+        id: &str,
+        facts: &InstanceFacts,
+        observed: &[ObservedRelease],
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        update_facts(&mut tx, id, facts, now_ms).await?;
+        let observed = serde_json::to_string(observed).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        sqlx::query("UPDATE instances SET observed = $2 WHERE id = $1")
+            .bind(id)
+            .bind(observed)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Notes that an instance was heard from.
+    pub async fn touch_instance(&self, id: &str, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE instances SET last_seen = $2 WHERE id = $1 AND last_seen < $2")
+            .bind(id)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    // ---- operators ----------------------------------------------------
+
+    /// Creates the operator unless one of that name exists; returns whether it did.
+    pub async fn create_operator(&self, name: &str, token_sha256: &str, now_ms: i64) -> Result<bool, StoreError> {
+        let result = sqlx::query(
+            "INSERT INTO operators (name, token_sha256, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(name)
+        .bind(token_sha256)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(result.rows_affected() == 1)
+    }
+
+    pub async fn operator_by_token(&self, token_sha256: &str) -> Result<Option<String>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT name FROM operators WHERE token_sha256 = $1")
+            .bind(token_sha256)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    pub async fn list_operators(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows = sqlx::query("SELECT name, token_sha256 FROM operators ORDER BY name")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("name")?, row.try_get("token_sha256")?)))
+            .collect()
+    }
+
+    // ---- audit trail ----------------------------------------------------
+
+    pub async fn record_event(&self, event: &Event) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO events (at, actor, action, target, outcome, detail) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(event.at_ms)
+            .bind(&event.actor)
+            .bind(&event.action)
+            .bind(&event.target)
+            .bind(&event.outcome)
+            .bind(&event.detail)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn list_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT at, actor, action, target, outcome, detail FROM events ORDER BY sequence DESC LIMIT $1",
+        )
+        .bind(i64::from(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut events = rows
+            .iter()
+            .map(|row| {
+                Ok(Event {
+                    at_ms: row.try_get("at")?,
+                    actor: row.try_get("actor")?,
+                    action: row.try_get("action")?,
+                    target: row.try_get("target")?,
+                    outcome: row.try_get("outcome")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        events.reverse();
+        Ok(events)
+    }
+}
+
+const INSTANCE_SELECT: &str = "SELECT i.id, i.stack, i.hostname, i.layer, i.zone, i.tags, i.agent_version, \
+        i.joined_at, i.last_seen, i.observed, \
+        (SELECT MAX(c.not_after) FROM certificates c WHERE c.instance_id = i.id) AS certificate_not_after \
+     FROM instances i";
+
+async fn update_facts(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    id: &str,
+    facts: &InstanceFacts,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let updated = sqlx::query(
+        "UPDATE instances SET hostname = $2, layer = $3, zone = $4, tags = $5, agent_version = $6, \
+         last_seen = CASE WHEN last_seen < $7 THEN $7 ELSE last_seen END WHERE id = $1",
+    )
+    .bind(id)
+    .bind(&facts.hostname)
+    .bind(&facts.layer)
+    .bind(&facts.zone)
+    .bind(tags_to_json(&facts.tags))
+    .bind(&facts.agent_version)
+    .bind(now_ms)
+    .execute(&mut **tx)
+    .await?;
+    if updated.rows_affected() == 0 {
+        return Err(StoreError::NoSuchInstance(id.to_owned()));
+    }
+    Ok(())
+}
+
+async fn insert_certificate(
+    tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
+    instance_id: &str,
+    certificate: &IssuedCertificate,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO certificates (fingerprint, instance_id, issued_at, not_after) VALUES ($1, $2, $3, $4)")
+        .bind(&certificate.fingerprint)
+        .bind(instance_id)
+        .bind(certificate.issued_at_ms)
+        .bind(certificate.not_after_ms)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+fn tags_to_json(tags: &BTreeMap<String, String>) -> String {
+    serde_json::to_string(tags).expect("a map of strings always serializes")
+}
+
+fn stack_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Stack, StoreError> {
+    let stage: String = row.try_get("stage")?;
+    let instance_count: i64 = row.try_get("instance_count")?;
+    Ok(Stack {
+        name: row.try_get("name")?,
+        stage: Stage::from_str(&stage).map_err(|error| StoreError::Corrupt(error.to_string()))?,
+        created_at_ms: row.try_get("created_at")?,
+        instance_count: u32::try_from(instance_count).unwrap_or(u32::MAX),
+    })
+}
+
+fn token_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JoinTokenRecord, StoreError> {
+    let uses_total: i64 = row.try_get("uses_total")?;
+    let uses_left: i64 = row.try_get("uses_left")?;
+    Ok(JoinTokenRecord {
+        id: row.try_get("id")?,
+        stack: row.try_get("stack")?,
+        secret_sha256: row.try_get("secret_sha256")?,
+        created_at_ms: row.try_get("created_at")?,
+        expires_at_ms: row.try_get("expires_at")?,
+        uses_total: u32::try_from(uses_total).map_err(|_| StoreError::Corrupt("uses_total".into()))?,
+        uses_left: u32::try_from(uses_left).map_err(|_| StoreError::Corrupt("uses_left".into()))?,
+        revoked: row.try_get("revoked")?,
+    })
+}
+
+fn instance_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Instance, StoreError> {
+    let corrupt = |what: &str, error: serde_json::Error| StoreError::Corrupt(format!("{what}: {error}"));
+    let tags: String = row.try_get("tags")?;
+    let observed: String = row.try_get("observed")?;
+    let certificate_not_after: Option<i64> = row.try_get("certificate_not_after")?;
+    Ok(Instance {
+        id: row.try_get("id")?,
+        stack: row.try_get("stack")?,
+        facts: InstanceFacts {
+            hostname: row.try_get("hostname")?,
+            layer: row.try_get("layer")?,
+            zone: row.try_get("zone")?,
+            tags: serde_json::from_str(&tags).map_err(|error| corrupt("tags", error))?,
+            agent_version: row.try_get("agent_version")?,
+        },
+        joined_at_ms: row.try_get("joined_at")?,
+        last_seen_ms: row.try_get("last_seen")?,
+        observed: serde_json::from_str(&observed).map_err(|error| corrupt("observed", error))?,
+        certificate_not_after_ms: certificate_not_after.unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("rollwave.db")).await.expect("open store");
+        (dir, store)
+    }
+
+    fn token(stack: &str, uses: u32, expires_at_ms: i64) -> JoinTokenRecord {
+        JoinTokenRecord {
+            id: "tok1".into(),
+            stack: stack.into(),
+            secret_sha256: "hash".into(),
+            created_at_ms: 0,
+            expires_at_ms,
+            uses_total: uses,
+            uses_left: uses,
+            revoked: false,
+        }
+    }
+
+    fn certificate(fingerprint: &str) -> IssuedCertificate {
+        IssuedCertificate {
+            fingerprint: fingerprint.into(),
+            issued_at_ms: 10,
+            not_after_ms: 1_000,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_single_use_token_joins_once() {
+        let (_dir, store) = open().await;
+        store.create_stack("web", Stage::Dev, 1).await.expect("stack");
+        store
+            .create_token(&token("web", 1, 1_000), "admin")
+            .await
+            .expect("token");
+        let facts = InstanceFacts::default();
+        store
+            .join_instance("tok1", "i-1", "web", &facts, &certificate("aa"), 5)
+            .await
+            .expect("first join");
+        let second = store
+            .join_instance("tok1", "i-2", "web", &facts, &certificate("bb"), 5)
+            .await;
+        assert!(matches!(second, Err(StoreError::TokenUnusable { .. })), "{second:?}");
+        let instances = store.list_instances(None).await.expect("list");
+        assert_eq!(instances.len(), 1);
+        assert_eq!(instances[0].id, "i-1");
+        // The failed join left no certificate behind.
+        assert_eq!(store.list_certificates().await.expect("certs").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn an_expired_token_does_not_join() {
+        let (_dir, store) = open().await;
+        store.create_stack("web", Stage::Dev, 1).await.expect("stack");
+        store.create_token(&token("web", 1, 100), "admin").await.expect("token");
+        let result = store
+            .join_instance("tok1", "i-1", "web", &InstanceFacts::default(), &certificate("aa"), 100)
+            .await;
+        assert!(matches!(result, Err(StoreError::TokenUnusable { .. })), "{result:?}");
+    }
+
+    #[tokio::test]
+    async fn removing_an_instance_removes_its_certificates() {
+        let (_dir, store) = open().await;
+        store.create_stack("web", Stage::Dev, 1).await.expect("stack");
+        store
+            .create_token(&token("web", 2, 1_000), "admin")
+            .await
+            .expect("token");
+        store
+            .join_instance("tok1", "i-1", "web", &InstanceFacts::default(), &certificate("aa"), 5)
+            .await
+            .expect("join");
+        store.remove_instance("i-1").await.expect("remove");
+        assert!(store.list_certificates().await.expect("certs").is_empty());
+        assert!(matches!(
+            store.remove_instance("i-1").await,
+            Err(StoreError::NoSuchInstance(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn duplicate_stack_is_refused_and_data_survives_reopen() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("rollwave.db");
+        {
+            let store = Store::open(&path).await.expect("open");
+            store.create_stack("web", Stage::Production, 1).await.expect("stack");
+            let again = store.create_stack("web", Stage::Dev, 2).await;
+            assert!(matches!(again, Err(StoreError::StackExists(_))), "{again:?}");
+        }
+        let reopened = Store::open(&path).await.expect("reopen runs migrations idempotently");
+        let stack = reopened.get_stack("web").await.expect("stack kept");
+        assert_eq!(stack.stage, Stage::Production);
+    }
+}

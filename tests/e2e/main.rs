@@ -1,0 +1,8 @@
+//! End-to-end scenarios: real coordinator and agent processes on loopback.
+//! One test binary; the shared harness lives in `tests/harness`.
+
+mod joining;
+mod restart;
+mod tls;
+mod tokens;
+mod tools;

@@ -1,0 +1,423 @@
+//! The end-to-end harness: real `rollwave` and `rollwave-agent` processes on
+//! loopback, each in its own temp dir, killed when the test ends (pass or
+//! fail). Waiting is always on a condition with a deadline, never a sleep.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How long any single wait may take before the test fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Where cargo put the binaries under test: the target dir of this test binary.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    // target/debug/deps/e2e-HASH -> target/debug/NAME
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in target/<profile>/deps");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which tests/run does)",
+        path.display()
+    );
+    path
+}
+
+/// Polls `condition` until it returns `Some`, or panics naming `what`.
+pub fn wait_for<T>(what: &str, mut condition: impl FnMut() -> Option<T>) -> T {
+    let started = Instant::now();
+    loop {
+        if let Some(value) = condition() {
+            return value;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A child process that is killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Process {
+    fn spawn(mut command: Command, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).expect("create log file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("clone log handle"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|error| panic!("spawn {command:?}: {error}"));
+        Self {
+            child: Some(child),
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// The exit code, once the process has exited by itself.
+    pub fn try_exit_code(&mut self) -> Option<i32> {
+        let child = self.child.as_mut()?;
+        child
+            .try_wait()
+            .expect("poll child")
+            .map(|status| status.code().unwrap_or(-1))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Settings for a coordinator under test: short timers so tests are quick.
+#[derive(Debug, Clone)]
+pub struct CoordinatorSettings {
+    pub heartbeat_interval: &'static str,
+    pub offline_after: &'static str,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for CoordinatorSettings {
+    fn default() -> Self {
+        Self {
+            heartbeat_interval: "500ms",
+            offline_after: "2s",
+            extra_args: Vec::new(),
+        }
+    }
+}
+
+/// A real `rollwave server` process.
+#[derive(Debug)]
+pub struct Coordinator {
+    pub dir: PathBuf,
+    pub addr: SocketAddr,
+    settings: CoordinatorSettings,
+    process: Process,
+    starts: u32,
+}
+
+impl Coordinator {
+    pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, CoordinatorSettings::default())
+    }
+
+    pub fn start_with(dir: &Path, settings: CoordinatorSettings) -> Self {
+        let dir = dir.join("coordinator");
+        std::fs::create_dir_all(&dir).expect("coordinator dir");
+        let process = Self::spawn(&dir, "127.0.0.1:0", &settings, 0);
+        let config = dir.join("data/cli.toml");
+        let addr = wait_for("the coordinator to write cli.toml", || {
+            let text = std::fs::read_to_string(&config).ok()?;
+            let value: toml::Value = toml::from_str(&text).ok()?;
+            value.get("addr")?.as_str()?.parse().ok()
+        });
+        let coordinator = Self {
+            dir,
+            addr,
+            settings,
+            process,
+            starts: 1,
+        };
+        coordinator.wait_ready();
+        coordinator
+    }
+
+    fn spawn(dir: &Path, listen: &str, settings: &CoordinatorSettings, generation: u32) -> Process {
+        let mut command = Command::new(binary("rollwave"));
+        command
+            .arg("server")
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--listen")
+            .arg(listen)
+            .arg("--heartbeat-interval")
+            .arg(settings.heartbeat_interval)
+            .arg("--offline-after")
+            .arg(settings.offline_after)
+            .args(&settings.extra_args)
+            .env("RUST_LOG", "info");
+        Process::spawn(command, dir.join(format!("server-{generation}.log")))
+    }
+
+    fn wait_ready(&self) {
+        wait_for("the coordinator to answer", || {
+            self.try_cli(&["stack", "list"]).status.success().then_some(())
+        });
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn ca_pem(&self) -> Vec<u8> {
+        std::fs::read(self.data_dir().join("ca.pem")).expect("ca.pem")
+    }
+
+    pub fn operator_token(&self) -> String {
+        std::fs::read_to_string(self.data_dir().join("operator.token"))
+            .expect("operator.token")
+            .trim()
+            .to_owned()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    /// Starts again on the same data dir and port.
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(&self.dir, &self.addr.to_string(), &self.settings, self.starts);
+        self.starts += 1;
+        self.wait_ready();
+    }
+
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+
+    /// Runs the CLI against this coordinator.
+    pub fn try_cli(&self, args: &[&str]) -> Output {
+        Command::new(binary("rollwave"))
+            .arg("--config")
+            .arg(self.data_dir().join("cli.toml"))
+            .args(args)
+            .env_remove("ROLLWAVE_ADDR")
+            .env_remove("ROLLWAVE_TOKEN")
+            .env_remove("ROLLWAVE_CA")
+            .output()
+            .expect("run rollwave")
+    }
+
+    /// Runs the CLI and returns stdout; panics with stderr on failure.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = self.try_cli(args);
+        assert!(
+            output.status.success(),
+            "rollwave {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).expect("utf-8 output")
+    }
+
+    pub fn cli_json(&self, args: &[&str]) -> Value {
+        let mut all = args.to_vec();
+        all.extend(["--output", "json"]);
+        serde_json::from_str(&self.cli(&all)).expect("valid JSON output")
+    }
+
+    pub fn create_stack(&self, name: &str) {
+        self.cli(&["stack", "create", name, "--stage", "production"]);
+    }
+
+    pub fn create_token(&self, stack: &str, uses: u32, ttl: &str) -> String {
+        self.cli(&[
+            "token",
+            "create",
+            "--stack",
+            stack,
+            "--uses",
+            &uses.to_string(),
+            "--ttl",
+            ttl,
+        ])
+        .trim()
+        .to_owned()
+    }
+
+    pub fn instances(&self) -> Vec<Value> {
+        match self.cli_json(&["instance", "list"]) {
+            Value::Array(items) => items,
+            other => panic!("instance list is not an array: {other}"),
+        }
+    }
+
+    /// The instance whose hostname is `hostname`, once it exists.
+    pub fn instance_by_hostname(&self, hostname: &str) -> Option<Value> {
+        self.instances()
+            .into_iter()
+            .find(|instance| instance["hostname"] == hostname)
+    }
+
+    pub fn wait_presence(&self, hostname: &str, presence: &str) -> Value {
+        wait_for(&format!("{hostname} to be {presence}"), || {
+            self.instance_by_hostname(hostname)
+                .filter(|instance| instance["presence"] == presence)
+        })
+    }
+}
+
+/// How an agent under test is configured.
+#[derive(Debug, Clone)]
+pub struct AgentSpec {
+    pub name: String,
+    pub zone: String,
+    pub token: String,
+    pub stack: Option<String>,
+    pub coordinator: SocketAddr,
+}
+
+/// A real `rollwave-agent run` process with its own state and TLS dirs.
+#[derive(Debug)]
+pub struct Agent {
+    pub spec: AgentSpec,
+    pub dir: PathBuf,
+    process: Process,
+    starts: u32,
+}
+
+impl Agent {
+    pub fn start(parent: &Path, spec: AgentSpec) -> Self {
+        let dir = parent.join(&spec.name);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let stack_line = spec
+            .stack
+            .as_ref()
+            .map(|stack| format!("stack = \"{stack}\"\n"))
+            .unwrap_or_default();
+        let config = format!(
+            "coordinator = \"{}\"\njoin_token = \"{}\"\n{stack_line}layer = \"web\"\nzone = \"{}\"\nhostname = \"{}\"\n\
+             state_dir = \"{}\"\ntls_dir = \"{}\"\nimds = \"off\"\n[reconnect]\ninitial = \"100ms\"\nmax = \"1s\"\n",
+            spec.coordinator,
+            spec.token,
+            spec.zone,
+            spec.name,
+            dir.join("state").display(),
+            dir.join("tls").display(),
+        );
+        std::fs::write(dir.join("agent.toml"), config).expect("agent.toml");
+        let process = Self::spawn(&dir, 0);
+        Self {
+            spec,
+            dir,
+            process,
+            starts: 1,
+        }
+    }
+
+    fn spawn(dir: &Path, generation: u32) -> Process {
+        let mut command = Command::new(binary("rollwave-agent"));
+        command
+            .arg("run")
+            .arg("--config")
+            .arg(dir.join("agent.toml"))
+            .env("RUST_LOG", "info");
+        Process::spawn(command, dir.join(format!("agent-{generation}.log")))
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("agent.toml")
+    }
+
+    pub fn kill(&mut self) {
+        self.process.kill();
+    }
+
+    pub fn restart(&mut self) {
+        self.process.kill();
+        self.process = Self::spawn(&self.dir, self.starts);
+        self.starts += 1;
+    }
+
+    pub fn log_text(&self) -> String {
+        self.process.log_text()
+    }
+
+    /// Waits until the agent exits by itself; returns its exit code.
+    pub fn wait_exit(&mut self) -> i32 {
+        let name = self.spec.name.clone();
+        wait_for(&format!("agent {name} to exit"), || self.process.try_exit_code())
+    }
+
+    pub fn try_exit_code(&mut self) -> Option<i32> {
+        self.process.try_exit_code()
+    }
+
+    /// The identity file the agent wrote after joining.
+    pub fn identity(&self) -> toml::Value {
+        let text = std::fs::read_to_string(self.dir.join("tls/identity.toml")).expect("identity.toml");
+        toml::from_str(&text).expect("identity.toml parses")
+    }
+}
+
+/// A fleet: one coordinator, one stack, agents spread over zones.
+#[derive(Debug)]
+pub struct Cluster {
+    pub temp: tempfile::TempDir,
+    pub coordinator: Coordinator,
+    pub agents: Vec<Agent>,
+    pub stack: String,
+}
+
+impl Cluster {
+    /// A coordinator with stack `web` and `n_agents` agents in zones z1..z3, all online.
+    pub fn start(n_agents: usize) -> Self {
+        let temp = tempfile::Builder::new()
+            .prefix("rollwave-e2e-")
+            .tempdir()
+            .expect("temp dir");
+        let coordinator = Coordinator::start(temp.path());
+        coordinator.create_stack("web");
+        let mut cluster = Self {
+            temp,
+            coordinator,
+            agents: Vec::new(),
+            stack: "web".into(),
+        };
+        if n_agents > 0 {
+            let token = cluster
+                .coordinator
+                .create_token("web", u32::try_from(n_agents).expect("few agents"), "10m");
+            for index in 0..n_agents {
+                cluster.add_agent(&format!("agent-{index}"), &format!("z{}", index % 3 + 1), &token);
+            }
+            for agent in &cluster.agents {
+                cluster.coordinator.wait_presence(&agent.spec.name, "online");
+            }
+        }
+        cluster
+    }
+
+    pub fn add_agent(&mut self, name: &str, zone: &str, token: &str) -> &mut Agent {
+        let spec = AgentSpec {
+            name: name.into(),
+            zone: zone.into(),
+            token: token.into(),
+            stack: Some(self.stack.clone()),
+            coordinator: self.coordinator.addr,
+        };
+        self.agents.push(Agent::start(self.temp.path(), spec));
+        self.agents.last_mut().expect("just pushed")
+    }
+}
