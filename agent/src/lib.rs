@@ -5,8 +5,11 @@
 
 pub mod backoff;
 pub mod config;
+pub mod hooks;
 pub mod identity;
 pub mod imds;
+pub mod install;
+pub mod layout;
 pub mod join;
 pub mod link;
 pub mod lock;
