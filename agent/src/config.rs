@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use rollwave_artifacts::S3Settings;
 use rollwave_trust::JoinToken;
 use serde::Deserialize;
 
@@ -92,6 +93,9 @@ struct AgentFile {
     imds: ImdsMode,
     #[serde(default)]
     reconnect: ReconnectFile,
+    /// Where release archives are read from (the agent's own AWS credentials).
+    #[serde(default)]
+    s3: S3Settings,
 }
 
 /// The agent's whole configuration, validated.
@@ -113,6 +117,7 @@ pub struct AgentConfig {
     pub imds: ImdsMode,
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
+    pub s3: S3Settings,
 }
 
 impl AgentConfig {
@@ -159,6 +164,7 @@ impl AgentConfig {
             imds: file.imds,
             reconnect_initial: file.reconnect.initial,
             reconnect_max: file.reconnect.max,
+            s3: file.s3,
         })
     }
 }

@@ -18,8 +18,10 @@ pub const OUTPUT_TAIL: u64 = 16 * 1024;
 /// One hook to run.
 #[derive(Debug, Clone)]
 pub struct HookRun {
-    /// Absolute path of the script.
+    /// Absolute path of the script (or program).
     pub script: PathBuf,
+    /// Arguments after the script (empty for lifecycle hooks).
+    pub args: Vec<String>,
     /// The release dir the hook belongs to.
     pub working_dir: PathBuf,
     pub timeout: Duration,
@@ -82,6 +84,12 @@ pub enum HookError {
 
 /// Runs `hook` to completion or its timeout.
 pub async fn run_hook(hook: &HookRun) -> Result<HookOutcome, HookError> {
+    run_hook_with(hook, |_| {}).await
+}
+
+/// Runs `hook`, telling `on_started` its process group id once it runs (so the
+/// caller can journal it and kill a group a crashed agent left behind).
+pub async fn run_hook_with(hook: &HookRun, on_started: impl FnOnce(i32)) -> Result<HookOutcome, HookError> {
     if let Some(parent) = hook.log.parent() {
         std::fs::create_dir_all(parent).map_err(|source| HookError::Log {
             path: hook.log.clone(),
@@ -98,6 +106,7 @@ pub async fn run_hook(hook: &HookRun) -> Result<HookOutcome, HookError> {
     })?;
     let mut command = Command::new(&hook.script);
     command
+        .args(&hook.args)
         .current_dir(&hook.working_dir)
         .env_clear()
         .envs(inherited_environment())
@@ -126,6 +135,9 @@ pub async fn run_hook(hook: &HookRun) -> Result<HookOutcome, HookError> {
         source,
     })?;
     let group = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    if let Some(group) = group {
+        on_started(group.as_raw());
+    }
     let (status, timed_out) = match tokio::time::timeout(hook.timeout, child.wait()).await {
         Ok(status) => (status, false),
         Err(_) => {
@@ -155,9 +167,19 @@ fn inherited_environment() -> Vec<(String, String)> {
         .filter_map(|name| std::env::var(name).ok().map(|value| ((*name).to_owned(), value)))
         .collect();
     if !vars.iter().any(|(name, _)| name == "PATH") {
-        vars.push(("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()));
+        vars.push((
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ));
     }
     vars
+}
+
+/// Kills a process group a previous agent process left running (after a crash).
+pub fn kill_leftover_group(group: i32) {
+    if group > 1 {
+        let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
+    }
 }
 
 /// The last `limit` bytes of `path` (empty if unreadable).
@@ -190,6 +212,7 @@ mod tests {
     fn run(dir: &Path, body: &str, timeout: Duration) -> HookOutcome {
         let hook = HookRun {
             script: script(dir, "hook.sh", body),
+            args: Vec::new(),
             working_dir: dir.to_owned(),
             timeout,
             run_as: None,
@@ -219,7 +242,11 @@ mod tests {
     #[test]
     fn output_and_environment_reach_the_report() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let outcome = run(dir.path(), "echo \"event=$ROLLWAVE_LIFECYCLE_EVENT\"; exit 3", Duration::from_secs(10));
+        let outcome = run(
+            dir.path(),
+            "echo \"event=$ROLLWAVE_LIFECYCLE_EVENT\"; exit 3",
+            Duration::from_secs(10),
+        );
         assert_eq!(outcome.exit_code, Some(3));
         assert!(!outcome.succeeded());
         assert_eq!(outcome.summary(), "exit code 3: event=after_install");
@@ -240,7 +267,10 @@ mod tests {
                 .expect("spawn control");
             let deadline = Instant::now() + Duration::from_secs(5);
             while processes_with_marker(&marker) == 0 {
-                assert!(Instant::now() < deadline, "the marker check cannot see a running process");
+                assert!(
+                    Instant::now() < deadline,
+                    "the marker check cannot see a running process"
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
             let group = Pid::from_raw(i32::try_from(control.id()).expect("pid"));
@@ -275,7 +305,10 @@ mod tests {
         let started = Instant::now();
         let outcome = run(dir.path(), "sleep 30 &\necho started", Duration::from_secs(20));
         assert!(outcome.succeeded(), "{outcome:?}");
-        assert!(started.elapsed() < Duration::from_secs(5), "returned when the hook exited");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "returned when the hook exited"
+        );
         assert!(outcome.output_tail.contains("started"));
     }
 
@@ -297,6 +330,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let hook = HookRun {
             script: script(dir.path(), "hook.sh", "true"),
+            args: Vec::new(),
             working_dir: dir.path().to_owned(),
             timeout: Duration::from_secs(5),
             run_as: Some("no-such-user-rollwave".into()),

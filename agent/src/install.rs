@@ -97,7 +97,10 @@ pub struct Job {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum JobState {
     /// About to run (or re-run) `stage`. `failure` is set while rolling back.
-    Running { stage: Stage, failure: Option<String> },
+    Running {
+        stage: Stage,
+        failure: Option<String>,
+    },
     Succeeded,
     Failed {
         /// What went wrong first.
@@ -345,7 +348,14 @@ mod tests {
             let (ran, end) = check(&job(Goal::Activate, Some("1.0")), &[stage]);
             assert!(!ran.contains(&"switch"), "{stage:?}");
             assert!(
-                matches!(end, JobState::Failed { rollback: None, discard_new_release: true, .. }),
+                matches!(
+                    end,
+                    JobState::Failed {
+                        rollback: None,
+                        discard_new_release: true,
+                        ..
+                    }
+                ),
                 "{stage:?}: {end:?}"
             );
         }
@@ -368,7 +378,16 @@ mod tests {
     fn a_failing_stop_blocks_unless_ignored() {
         let (ran, end) = check(&job(Goal::Activate, Some("1.0")), &[Stage::ApplicationStop]);
         assert!(!ran.contains(&"switch"));
-        assert!(matches!(end, JobState::Failed { discard_new_release: false, .. }), "{end:?}");
+        assert!(
+            matches!(
+                end,
+                JobState::Failed {
+                    discard_new_release: false,
+                    ..
+                }
+            ),
+            "{end:?}"
+        );
         let lenient = Job {
             ignore_stop_failure: true,
             ..job(Goal::Activate, Some("1.0"))
@@ -395,9 +414,18 @@ mod tests {
         };
         assert!(matches!(
             job.on_restart(&during_start),
-            JobState::Running { stage: Stage::SwitchBack, failure: Some(_) }
+            JobState::Running {
+                stage: Stage::SwitchBack,
+                failure: Some(_)
+            }
         ));
-        for stage in [Stage::Fetch, Stage::Unpack, Stage::AfterInstall, Stage::Switch, Stage::SwitchBack] {
+        for stage in [
+            Stage::Fetch,
+            Stage::Unpack,
+            Stage::AfterInstall,
+            Stage::Switch,
+            Stage::SwitchBack,
+        ] {
             let state = JobState::Running { stage, failure: None };
             assert_eq!(job.on_restart(&state), state, "{stage:?} is redone");
         }

@@ -99,6 +99,15 @@ impl Layout {
         File::open(&bundle_dir)?.sync_all()
     }
 
+    /// Removes `current` (the way back from a first install), durably.
+    pub fn remove_current(&self, bundle: &str) -> io::Result<()> {
+        match std::fs::remove_file(self.current_link(bundle)) {
+            Ok(()) => sync_dir(&self.bundle_dir(bundle)),
+            Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(error) => Err(error),
+        }
+    }
+
     /// Removes staging dirs that no running step owns (after a crash).
     pub fn clean_staging(&self, bundle: &str) -> io::Result<()> {
         let dir = self.bundle_dir(bundle);

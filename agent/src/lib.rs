@@ -5,12 +5,15 @@
 
 pub mod backoff;
 pub mod config;
+pub mod health;
 pub mod hooks;
 pub mod identity;
 pub mod imds;
 pub mod install;
-pub mod layout;
+pub mod installer;
 pub mod join;
+pub mod journal;
+pub mod layout;
 pub mod link;
 pub mod lock;
 
@@ -21,7 +24,9 @@ use rollwave_proto::v1 as pb;
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, ImdsMode};
 use crate::identity::{Identity, IdentityError};
+use crate::installer::{InstallSettings, Installer};
 use crate::join::{JoinError, JoinRequest};
+use crate::layout::Layout;
 use crate::lock::{LockError, StateDirLock};
 
 /// Why the agent stopped.
@@ -116,6 +121,12 @@ async fn join_until_done(
 /// by dropping the future (on SIGTERM).
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let _lock = StateDirLock::acquire(&config.state_dir)?;
+    // Finish or roll back installs a killed agent left behind before anything else.
+    let s3 = rollwave_artifacts::client(&config.s3).await;
+    let installer = Installer::new(Layout::new(&config.state_dir), InstallSettings::default(), Some(s3));
+    if let Err(error) = installer.recover_all().await {
+        tracing::warn!(%error, "cannot recover interrupted installs");
+    }
     let (facts, instance_id) = gather_facts(&config).await;
     let mut identity = match Identity::load(&config.tls_dir)? {
         Some(identity) => identity,

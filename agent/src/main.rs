@@ -7,6 +7,12 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use rollwave_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
+use rollwave_agent::install::Goal;
+use rollwave_agent::installer::{InstallOutcome, InstallRequest, InstallSettings, Installer};
+use rollwave_agent::journal::Source;
+use rollwave_agent::layout::Layout;
+use rollwave_agent::lock::StateDirLock;
+use rollwave_artifacts::S3Settings;
 
 const EXIT_CONFIG: u8 = 64;
 
@@ -33,6 +39,126 @@ enum Command {
         #[arg(long, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Install a release from a local archive or from S3, without the coordinator
+    #[command(after_help = INSTALL_HELP)]
+    Install(InstallArgs),
+    /// Finish or roll back installs a crash interrupted (the agent does this when it starts)
+    Recover {
+        /// State directory
+        #[arg(long, default_value = "/var/lib/rollwave")]
+        root: PathBuf,
+    },
+    /// Switch a bundle back to its previous release, still on disk (emergency tool)
+    #[command(after_help = ROLLBACK_HELP)]
+    Rollback(RollbackArgs),
+}
+
+const INSTALL_HELP: &str = "\
+The same pipeline the agent runs for a deployment: verify the sha256 before anything is
+unpacked, unpack safely into staging, run before_install and after_install, stop the running
+release (application_stop), switch `current` atomically, then application_start,
+validate_service and the health checks. A failure before the switch leaves `current` as it
+was; a failure after it switches back. Every step is journaled under ROOT/state/journal, so an
+install interrupted by a crash is finished or rolled back by the next run.
+
+It takes the agent's lock on ROOT: it refuses while an agent runs on that state dir.
+Installing the same bundle, version and sha256 again does nothing and exits 0.
+
+Examples:
+  rollwave-agent install --archive web-1.4.zip --sha256 9f2c... --bundle web --version 1.4
+  rollwave-agent install --s3-url s3://releases/releases/web/1.4.zip --s3-version-id 3HL4kq... \\
+      --size 52428800 --sha256 9f2c... --bundle web --version 1.4
+
+Exit codes: 0 installed (or nothing to do), 1 refused or failed (one line on stderr), 2 usage.";
+
+const ROLLBACK_HELP: &str = "\
+For when the coordinator is unreachable: switches ROOT/releases/BUNDLE/current back to the
+release that was current before it (no download; it is still on disk), running the usual
+application_stop, application_start and validate_service hooks and the health checks. Once the
+agent is connected again, the coordinator's desired state applies again: to keep the old
+release, roll back with `rollwave rollback STACK BUNDLE` as well.
+
+Exit codes: 0 switched back, 1 refused or failed, 2 usage.";
+
+#[derive(Debug, clap::Args)]
+struct InstallArgs {
+    /// Local release archive (zip)
+    #[arg(long, conflicts_with = "s3_url", required_unless_present = "s3_url")]
+    archive: Option<PathBuf>,
+    /// Release archive in S3: s3://BUCKET/KEY (needs --size; pin it with --s3-version-id)
+    #[arg(long, requires = "size")]
+    s3_url: Option<String>,
+    /// S3 object version the release was pushed as
+    #[arg(long, requires = "s3_url")]
+    s3_version_id: Option<String>,
+    /// Registered size of the S3 object in bytes (no more is ever read)
+    #[arg(long)]
+    size: Option<u64>,
+    /// Expected sha256 of the archive (64 hex digits)
+    #[arg(long)]
+    sha256: String,
+    #[arg(long)]
+    bundle: String,
+    #[arg(long)]
+    version: String,
+    /// State directory (the release lands in ROOT/releases/BUNDLE/VERSION)
+    #[arg(long, default_value = "/var/lib/rollwave")]
+    root: PathBuf,
+    /// Do not run lifecycle hooks
+    #[arg(long)]
+    no_hooks: bool,
+    /// Prepare only (download, verify, unpack, install hooks); leave `current` alone
+    #[arg(long)]
+    prepare_only: bool,
+    /// Go on when the running release's application_stop fails
+    #[arg(long)]
+    ignore_stop_failure: bool,
+    /// How long the new release may take to pass its health checks
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    health_deadline: std::time::Duration,
+    /// Releases kept on disk per bundle (current and the rollback target always are)
+    #[arg(long, default_value_t = rollwave_agent::installer::DEFAULT_RETENTION)]
+    retention: usize,
+    #[command(flatten)]
+    s3: S3Args,
+    /// Output format
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Debug, clap::Args)]
+struct S3Args {
+    /// S3-compatible endpoint (for example http://127.0.0.1:9000)
+    #[arg(long, env = "ROLLWAVE_S3_ENDPOINT")]
+    s3_endpoint: Option<String>,
+    #[arg(long, env = "ROLLWAVE_S3_REGION")]
+    s3_region: Option<String>,
+    /// Address buckets by path (endpoint/bucket), as most S3-compatible stores need
+    #[arg(long)]
+    s3_path_style: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct RollbackArgs {
+    #[arg(long)]
+    bundle: String,
+    /// State directory
+    #[arg(long, default_value = "/var/lib/rollwave")]
+    root: PathBuf,
+    /// Do not run lifecycle hooks
+    #[arg(long)]
+    no_hooks: bool,
+    /// How long the release may take to pass its health checks
+    #[arg(long, default_value = "60s", value_parser = humantime::parse_duration)]
+    health_deadline: std::time::Duration,
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
 }
 
 fn main() -> ExitCode {
@@ -46,7 +172,159 @@ fn main() -> ExitCode {
         .init();
     match cli.command {
         Command::Run { config } => run(&config),
+        Command::Install(args) => release_command(args.output, install(args)),
+        Command::Rollback(args) => release_command(args.output, rollback(args)),
+        Command::Recover { root } => recover(&root),
     }
+}
+
+/// What `install` and `rollback` print.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    bundle: String,
+    version: String,
+    /// `activated`, `prepared` or `unchanged`.
+    outcome: &'static str,
+    previous: Option<String>,
+}
+
+fn release_command(output: Output, work: impl Future<Output = anyhow::Result<Report>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(report) => {
+            match output {
+                Output::Json => println!("{}", serde_json::json!(report)),
+                Output::Text => {
+                    let Report {
+                        bundle,
+                        version,
+                        outcome,
+                        previous,
+                    } = &report;
+                    match (*outcome, previous) {
+                        ("unchanged", _) => println!("{bundle}@{version} is already installed; nothing to do"),
+                        ("prepared", _) => println!("{bundle}@{version} prepared (not current)"),
+                        (_, Some(previous)) => println!("{bundle}@{version} is current (previous: {previous})"),
+                        (_, None) => println!("{bundle}@{version} is current"),
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            let line = format!("{error:#}").replace('\n', " ");
+            eprintln!("error: {line}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn report(bundle: &str, version: &str, outcome: InstallOutcome) -> Report {
+    let (outcome, previous) = match outcome {
+        InstallOutcome::Unchanged => ("unchanged", None),
+        InstallOutcome::Prepared => ("prepared", None),
+        InstallOutcome::Activated { previous } => ("activated", previous),
+    };
+    Report {
+        bundle: bundle.to_owned(),
+        version: version.to_owned(),
+        outcome,
+        previous,
+    }
+}
+
+async fn install(args: InstallArgs) -> anyhow::Result<Report> {
+    let _lock = StateDirLock::acquire(&args.root)?;
+    let (source, s3) = match (&args.archive, &args.s3_url) {
+        (Some(path), _) => {
+            let path = std::path::absolute(path)?;
+            (Source::Local { path }, None)
+        }
+        (None, Some(url)) => {
+            let (bucket, key) = url
+                .strip_prefix("s3://")
+                .and_then(|rest| rest.split_once('/'))
+                .filter(|(bucket, key)| !bucket.is_empty() && !key.is_empty())
+                .ok_or_else(|| anyhow::anyhow!("--s3-url must look like s3://BUCKET/KEY, not {url:?}"))?;
+            let settings = S3Settings {
+                endpoint: args.s3.s3_endpoint.clone(),
+                region: args.s3.s3_region.clone(),
+                force_path_style: args.s3.s3_path_style,
+            };
+            let source = Source::S3 {
+                bucket: bucket.to_owned(),
+                key: key.to_owned(),
+                version_id: args.s3_version_id.clone(),
+                size: args.size.unwrap_or_default(),
+            };
+            (source, Some(rollwave_artifacts::client(&settings).await))
+        }
+        (None, None) => anyhow::bail!("give --archive or --s3-url"),
+    };
+    let settings = InstallSettings {
+        retention: args.retention,
+        health_deadline: args.health_deadline,
+        ..InstallSettings::default()
+    };
+    let installer = Installer::new(Layout::new(&args.root), settings, s3);
+    let outcome = installer
+        .install(InstallRequest {
+            bundle: args.bundle.clone(),
+            version: args.version.clone(),
+            sha256: args.sha256.clone(),
+            source,
+            goal: if args.prepare_only {
+                Goal::Prepare
+            } else {
+                Goal::Activate
+            },
+            run_hooks: !args.no_hooks,
+            ignore_stop_failure: args.ignore_stop_failure,
+            deployment_id: None,
+        })
+        .await?;
+    Ok(report(&args.bundle, &args.version, outcome))
+}
+
+fn recover(root: &std::path::Path) -> ExitCode {
+    let work = async {
+        let _lock = StateDirLock::acquire(root)?;
+        let installer = Installer::new(Layout::new(root), InstallSettings::default(), None);
+        installer.recover_all().await?;
+        anyhow::Ok(())
+    };
+    let outcome = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(work));
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn rollback(args: RollbackArgs) -> anyhow::Result<Report> {
+    let _lock = StateDirLock::acquire(&args.root)?;
+    let settings = InstallSettings {
+        health_deadline: args.health_deadline,
+        ..InstallSettings::default()
+    };
+    let installer = Installer::new(Layout::new(&args.root), settings, None);
+    let outcome = installer.rollback(&args.bundle, !args.no_hooks).await?;
+    let version = Layout::new(&args.root)
+        .current_version(&args.bundle)?
+        .unwrap_or_default();
+    Ok(report(&args.bundle, &version, outcome))
 }
 
 fn run(config_path: &std::path::Path) -> ExitCode {
