@@ -15,6 +15,7 @@ use crate::hooks::{HookRun, kill_leftover_group, run_hook_with};
 use crate::install::{Goal, Job, JobState, Rollback, Stage};
 use crate::journal::{ActiveInstall, BundleJournal, JournalError, Source};
 use crate::layout::{Layout, sync_dir};
+use crate::service::{Services, Supervision};
 
 /// Releases kept on disk per bundle unless configured otherwise.
 pub const DEFAULT_RETENTION: usize = 5;
@@ -75,10 +76,12 @@ pub enum InstallError {
     #[error("{0}")]
     Refused(String),
     /// A step failed; `current` is where the rollback left it.
-    #[error("{}", describe_failure(.failure, .rollback))]
+    #[error("{}", describe_failure(.failure, .rollback, .previous))]
     Failed {
         failure: String,
         rollback: Option<Rollback>,
+        /// The release that was current before (`None` on a first install).
+        previous: Option<String>,
     },
     #[error(transparent)]
     Journal(#[from] JournalError),
@@ -90,11 +93,12 @@ pub enum InstallError {
     },
 }
 
-fn describe_failure(failure: &str, rollback: &Option<Rollback>) -> String {
-    match rollback {
-        None => format!("{failure}; current release untouched"),
-        Some(Rollback::Restored) => format!("{failure}; switched back to the previous release"),
-        Some(Rollback::Broken(detail)) => format!("{failure}; switching back failed too: {detail}"),
+fn describe_failure(failure: &str, rollback: &Option<Rollback>, previous: &Option<String>) -> String {
+    match (rollback, previous) {
+        (None, _) => format!("{failure}; current release untouched"),
+        (Some(Rollback::Restored), Some(previous)) => format!("{failure}; switched back to {previous}"),
+        (Some(Rollback::Restored), None) => format!("{failure}; removed again (it was the first release)"),
+        (Some(Rollback::Broken(detail)), _) => format!("{failure}; switching back failed too: {detail}"),
     }
 }
 
@@ -109,11 +113,23 @@ pub struct Installer {
     layout: Layout,
     settings: InstallSettings,
     s3: Option<aws_sdk_s3::Client>,
+    services: Services,
 }
 
 impl Installer {
     pub fn new(layout: Layout, settings: InstallSettings, s3: Option<aws_sdk_s3::Client>) -> Self {
-        Self { layout, settings, s3 }
+        let services = Services::new(layout.clone(), Supervision::detect());
+        Self {
+            layout,
+            settings,
+            s3,
+            services,
+        }
+    }
+
+    /// The apps this installer starts and stops.
+    pub fn services(&self) -> &Services {
+        &self.services
     }
 
     pub fn layout(&self) -> &Layout {
@@ -289,7 +305,11 @@ impl Installer {
                     previous: job.previous.clone(),
                 },
             }),
-            JobState::Failed { failure, rollback, .. } => Err(InstallError::Failed { failure, rollback }),
+            JobState::Failed { failure, rollback, .. } => Err(InstallError::Failed {
+                failure,
+                rollback,
+                previous: job.previous.clone(),
+            }),
             JobState::Running { .. } => unreachable!("the loop runs until the job ends"),
         }
     }
@@ -412,13 +432,15 @@ impl Installer {
             Stage::ApplicationStop => {
                 let previous = job.previous.as_deref().ok_or("no previous release")?;
                 self.run_event(LifecycleEvent::ApplicationStop, job, previous, active, journal)
-                    .await
+                    .await?;
+                self.services.stop(bundle).await
             }
             Stage::Switch => self
                 .layout
                 .switch_current(bundle, &job.version)
                 .map_err(|error| format!("switch current to {}: {error}", job.version)),
             Stage::ApplicationStart => {
+                self.start_service(bundle, &job.version).await?;
                 self.run_event(LifecycleEvent::ApplicationStart, job, &job.version, active, journal)
                     .await
             }
@@ -436,21 +458,46 @@ impl Installer {
                 )
                 .await
             }
-            Stage::SwitchBack => match &job.previous {
-                Some(previous) => self
-                    .layout
-                    .switch_current(bundle, previous)
-                    .map_err(|error| format!("switch current back to {previous}: {error}")),
-                None => self
-                    .layout
-                    .remove_current(bundle)
-                    .map_err(|error| format!("remove current: {error}")),
-            },
+            Stage::SwitchBack => {
+                // The new release's app goes; the previous release's (if it still runs) stays.
+                if self
+                    .services
+                    .load(bundle)
+                    .is_some_and(|record| record.version == job.version)
+                {
+                    self.services.stop(bundle).await?;
+                }
+                self.switch_back(job)
+            }
             Stage::RestartPrevious => {
                 let previous = job.previous.as_deref().ok_or("no previous release")?;
+                self.start_service(bundle, previous).await?;
                 self.run_event(LifecycleEvent::ApplicationStart, job, previous, active, journal)
                     .await
             }
+        }
+    }
+
+    /// Starts `version`'s app when its manifest has a `[service]`.
+    async fn start_service(&self, bundle: &str, version: &str) -> Result<(), String> {
+        let manifest = read_manifest(&self.layout.release_dir(bundle, version))?;
+        match &manifest.service {
+            Some(service) => self.services.start(bundle, version, service).await,
+            None => Ok(()),
+        }
+    }
+
+    fn switch_back(&self, job: &Job) -> Result<(), String> {
+        let bundle = job.bundle.as_str();
+        match &job.previous {
+            Some(previous) => self
+                .layout
+                .switch_current(bundle, previous)
+                .map_err(|error| format!("switch current back to {previous}: {error}")),
+            None => self
+                .layout
+                .remove_current(bundle)
+                .map_err(|error| format!("remove current: {error}")),
         }
     }
 

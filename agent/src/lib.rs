@@ -16,6 +16,7 @@ pub mod journal;
 pub mod layout;
 pub mod link;
 pub mod lock;
+pub mod service;
 
 use std::time::SystemTime;
 
@@ -117,6 +118,15 @@ async fn join_until_done(
     }
 }
 
+/// Stops a background task when the agent's run ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Runs the agent until a permanent error. Never returns `Ok`: callers stop it
 /// by dropping the future (on SIGTERM).
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
@@ -127,6 +137,14 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     if let Err(error) = installer.recover_all().await {
         tracing::warn!(%error, "cannot recover interrupted installs");
     }
+    // Keep the apps the agent runs itself alive (a no-op under systemd, which does it).
+    let services = installer.services().clone();
+    let _supervision = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            services.restart_dead().await;
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }));
     let (facts, instance_id) = gather_facts(&config).await;
     let mut identity = match Identity::load(&config.tls_dir)? {
         Some(identity) => identity,

@@ -289,6 +289,7 @@ fn a_first_install_that_fails_leaves_no_release() {
     instance.set("unhealthy-1.0");
     let error = refused(&instance.install(&v1, &[]));
     assert!(error.contains("health: not healthy within 2s"), "{error}");
+    assert!(error.contains("removed again (it was the first release)"), "{error}");
     assert_eq!(
         instance.current(),
         None,
@@ -307,7 +308,7 @@ fn a_failing_validate_service_switches_back() {
     instance.set("fail-validate_service-2.0");
     let error = refused(&instance.install(&v2, &[]));
     assert!(error.contains("validate_service: hooks/hook.sh exit code 7"), "{error}");
-    assert!(error.contains("switched back to the previous release"), "{error}");
+    assert!(error.contains("switched back to 1.0"), "{error}");
     assert_eq!(instance.serving().as_deref(), Some("1.0"));
     let events = instance.take_events();
     assert_eq!(
@@ -535,4 +536,99 @@ fn killed_during_application_start_returns_to_the_previous_release() {
 #[test]
 fn killed_during_validate_service_returns_to_the_previous_release() {
     crash_during("validate_service", "1.0");
+}
+
+/// Kills a process group when dropped, so a failing test leaves no app behind.
+struct GroupGuard(u32);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{}", self.0)])
+            .status();
+    }
+}
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|stat| {
+            !stat
+                .rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn a_supervised_app_is_restarted_and_survives_agent_restarts() {
+    let mut cluster = rollwave_tests::Cluster::start(1);
+    let agent = &mut cluster.agents[0];
+    agent.kill();
+    let root = agent.dir.join("state");
+    let control = agent.dir.join("control");
+    std::fs::create_dir_all(&control).expect("control dir");
+
+    let source = agent.dir.join("app-src");
+    std::fs::create_dir_all(source.join("bin")).expect("source");
+    let app = source.join("bin/app");
+    std::fs::write(
+        &app,
+        format!("#!/bin/sh\necho $$ > {}/app.pid\nexec sleep 600\n", control.display()),
+    )
+    .expect("app");
+    std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::write(
+        source.join("rollwave.toml"),
+        format!(
+            "[service]\ncommand = [\"bin/app\"]\n[[health]]\ncommand = \"test -s {}/app.pid\"\n",
+            control.display()
+        ),
+    )
+    .expect("manifest");
+    let archive = agent.dir.join("app.zip");
+    let built = rollwave_release::build_from_dir(&source, &archive).expect("build");
+    let output = Command::new(binary("rollwave-agent"))
+        .args([
+            "install",
+            "--bundle",
+            "app",
+            "--version",
+            "1",
+            "--sha256",
+            &built.sha256.to_hex(),
+        ])
+        .arg("--archive")
+        .arg(&archive)
+        .arg("--root")
+        .arg(&root)
+        .output()
+        .expect("install");
+    ok(&output);
+    let read_pid = || -> Option<u32> {
+        std::fs::read_to_string(control.join("app.pid"))
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+    };
+    let first = read_pid().expect("the app wrote its pid");
+    let _first_guard = GroupGuard(first);
+    assert!(pid_alive(first), "the app runs after install exits");
+
+    // The agent adopts the app and restarts it when it dies.
+    agent.restart();
+    Command::new("kill")
+        .args(["-KILL", &first.to_string()])
+        .status()
+        .expect("kill the app");
+    let second = wait_for("the agent to restart the app", || {
+        read_pid().filter(|pid| *pid != first && pid_alive(*pid))
+    });
+    let _second_guard = GroupGuard(second);
+
+    // Killing and restarting the agent leaves the app running, untouched.
+    agent.restart();
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(pid_alive(second), "the app survived the agent restart");
+    assert_eq!(read_pid(), Some(second), "and was not restarted");
+    agent.kill();
+    assert!(pid_alive(second), "the app survives the agent stopping");
 }
