@@ -77,7 +77,11 @@ pub enum DownloadError {
         actual: String,
     },
     #[error("{object}: gave up after {attempts} attempts: {last}")]
-    GaveUp { object: String, attempts: u32, last: String },
+    GaveUp {
+        object: String,
+        attempts: u32,
+        last: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -241,7 +245,11 @@ async fn fetch_range(
     let mut body = response.body;
     let outcome = loop {
         let chunk = match tokio::time::timeout(options.stall_timeout, body.next()).await {
-            Err(_) => break Err(AttemptError::Transient("stalled: no data within the stall timeout".into())),
+            Err(_) => {
+                break Err(AttemptError::Transient(
+                    "stalled: no data within the stall timeout".into(),
+                ));
+            }
             Ok(None) => break Ok(()),
             Ok(Some(Err(error))) => break Err(AttemptError::Transient(error.to_string())),
             Ok(Some(Ok(chunk))) => chunk,
@@ -299,6 +307,9 @@ mod tests {
         let (mut hasher, offset) = hash_existing(&partial, 10).expect("hash");
         assert_eq!(offset, 4);
         hasher.update(b"456789");
-        assert_eq!(hex::encode(hasher.finalize()), hex::encode(Sha256::digest(b"0123456789")));
+        assert_eq!(
+            hex::encode(hasher.finalize()),
+            hex::encode(Sha256::digest(b"0123456789"))
+        );
     }
 }

@@ -51,7 +51,11 @@ pub enum UploadError {
         source: aws_smithy_types::byte_stream::error::Error,
     },
     #[error("upload to s3://{bucket}/{key}: {detail}")]
-    Put { bucket: String, key: String, detail: String },
+    Put {
+        bucket: String,
+        key: String,
+        detail: String,
+    },
 }
 
 /// Where an upload landed.
@@ -97,6 +101,9 @@ pub async fn upload(
             detail: aws_sdk_s3::error::DisplayErrorContext(&error).to_string(),
         })?;
     Ok(Uploaded {
-        version_id: response.version_id().filter(|id| !id.is_empty() && *id != "null").map(str::to_owned),
+        version_id: response
+            .version_id()
+            .filter(|id| !id.is_empty() && *id != "null")
+            .map(str::to_owned),
     })
 }

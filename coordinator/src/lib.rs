@@ -10,6 +10,7 @@ pub mod identity;
 pub mod listener;
 pub mod model;
 pub mod presence;
+pub mod registry;
 pub mod server;
 pub mod sessions;
 pub mod store;

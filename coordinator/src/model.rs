@@ -1,10 +1,11 @@
 //! The coordinator's domain types, free of protobuf and SQL: what a stack,
-//! an instance and a join token are, and the rules for their names.
+//! an instance, a join token and a release are, and the rules for their names.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
+use rollwave_release::{NameError, Sha256};
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch: the one time format in the store and on the wire.
@@ -27,6 +28,18 @@ pub enum InvalidInput {
     Name { what: &'static str, value: String },
     #[error("invalid stage {0:?}: expected dev, staging or production")]
     Stage(String),
+    #[error("invalid bundle kind {0:?}: expected app or cookbook")]
+    BundleKind(String),
+    #[error(transparent)]
+    ReleaseName(#[from] NameError),
+    #[error("invalid sha256 {0:?}: expected 64 lowercase hex digits")]
+    Sha256(String),
+    #[error("invalid {what} {value:?}: {rule}")]
+    Location {
+        what: &'static str,
+        value: String,
+        rule: &'static str,
+    },
 }
 
 /// Checks a stack, layer, zone or instance name.
@@ -166,6 +179,113 @@ impl JoinTokenRecord {
             TokenStatus::Active
         }
     }
+}
+
+/// What a bundle carries; fixed by the bundle's first release.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BundleKind {
+    /// The application itself.
+    App,
+    /// Configuration-management code (Chef cookbooks and the like).
+    Cookbook,
+}
+
+impl BundleKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BundleKind::App => "app",
+            BundleKind::Cookbook => "cookbook",
+        }
+    }
+}
+
+impl fmt::Display for BundleKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BundleKind {
+    type Err = InvalidInput;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        match value {
+            "app" => Ok(BundleKind::App),
+            "cookbook" => Ok(BundleKind::Cookbook),
+            other => Err(InvalidInput::BundleKind(other.to_owned())),
+        }
+    }
+}
+
+/// Longest S3 object key (S3's own limit, in bytes).
+const MAX_OBJECT_KEY_LEN: usize = 1024;
+
+/// Longest bucket name: 63 for new AWS buckets, 255 for legacy ones and some S3-compatible stores.
+const MAX_BUCKET_NAME_LEN: usize = 255;
+
+/// A registered release: exactly which bytes (sha256, size) and where they
+/// live (bucket, key and, in a versioned bucket, the object version).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Release {
+    pub bundle: String,
+    pub kind: BundleKind,
+    pub version: String,
+    pub bucket: String,
+    pub key: String,
+    /// `None` only for releases pushed to an unversioned bucket.
+    pub object_version: Option<String>,
+    pub sha256: Sha256,
+    pub size: u64,
+    pub pushed_by: String,
+    pub pushed_at_ms: i64,
+}
+
+impl Release {
+    /// `bundle@version`, the way people name a release.
+    pub fn name(&self) -> String {
+        format!("{}@{}", self.bundle, self.version)
+    }
+
+    /// `s3://bucket/key`, with the object version when there is one.
+    pub fn location(&self) -> String {
+        match &self.object_version {
+            Some(version) => format!("s3://{}/{} (object version {version})", self.bucket, self.key),
+            None => format!("s3://{}/{} (unversioned)", self.bucket, self.key),
+        }
+    }
+
+    /// Checks what a client supplied: bundle name, version and location (the digest is typed already).
+    pub fn validate(&self) -> Result<(), InvalidInput> {
+        rollwave_release::validate_bundle_name(&self.bundle)?;
+        rollwave_release::validate_version(&self.version)?;
+        if self.bucket.is_empty() || self.bucket.len() > MAX_BUCKET_NAME_LEN || self.bucket.contains(['/', ' ']) {
+            return Err(InvalidInput::Location {
+                what: "bucket",
+                value: self.bucket.clone(),
+                rule: "give the S3 bucket name, without s3:// or slashes",
+            });
+        }
+        if self.key.is_empty() || self.key.len() > MAX_OBJECT_KEY_LEN {
+            return Err(InvalidInput::Location {
+                what: "object key",
+                value: self.key.clone(),
+                rule: "give a key of 1 to 1024 bytes",
+            });
+        }
+        if self.object_version.as_deref() == Some("") {
+            return Err(InvalidInput::Location {
+                what: "object version",
+                value: String::new(),
+                rule: "leave it unset for an unversioned bucket",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Parses a digest given by a user or a client.
+pub fn parse_sha256(text: &str) -> Result<Sha256, InvalidInput> {
+    text.parse().map_err(|_| InvalidInput::Sha256(text.to_owned()))
 }
 
 /// One line of the audit trail.

@@ -15,7 +15,10 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlSafeStr, SqlitePool};
 
-use crate::model::{Event, Instance, InstanceFacts, JoinTokenRecord, ObservedRelease, Stack, Stage};
+use crate::model::{
+    BundleKind, Event, Instance, InstanceFacts, JoinTokenRecord, ObservedRelease, Release, Stack, Stage,
+};
+use crate::registry::{self, Decision, RegistrationRefused};
 
 /// The SQLite migrations, embedded so the binary carries its own schema.
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
@@ -47,6 +50,19 @@ pub enum StoreError {
     TokenUnusable { id: String, reason: &'static str },
     #[error("instance {id:?} already belongs to stack {stack:?}")]
     InstanceInOtherStack { id: String, stack: String },
+    #[error("release {bundle}@{version} is not registered; push it with `rollwave release push`")]
+    NoSuchRelease { bundle: String, version: String },
+    #[error(transparent)]
+    RegistrationRefused(#[from] RegistrationRefused),
+}
+
+/// What registering a release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// The release as registered: the earlier record when `already_registered`.
+    pub release: Release,
+    /// The same archive was registered before; nothing changed.
+    pub already_registered: bool,
 }
 
 /// A newly issued certificate, to record with its instance.
@@ -403,6 +419,103 @@ impl Store {
             .collect()
     }
 
+    // ---- releases -----------------------------------------------------
+
+    /// Registers `release` following [`registry::decide`], in one transaction.
+    ///
+    /// The transaction's first statement writes (claiming the bundle name), so
+    /// concurrent registrations queue for the write lock instead of deciding
+    /// on what they read before another one committed.
+    pub async fn register_release(&self, release: &Release) -> Result<Registration, StoreError> {
+        let size = i64::try_from(release.size).map_err(|_| StoreError::Corrupt("release size".into()))?;
+        let mut tx = self.pool.begin().await?;
+        let created = sqlx::query(
+            "INSERT INTO bundles (name, kind, created_at) VALUES ($1, $2, $3) ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(&release.bundle)
+        .bind(release.kind.as_str())
+        .bind(release.pushed_at_ms)
+        .execute(&mut *tx)
+        .await?;
+        let registered_kind = if created.rows_affected() == 1 {
+            None
+        } else {
+            let kind: String = sqlx::query_scalar("SELECT kind FROM bundles WHERE name = $1")
+                .bind(&release.bundle)
+                .fetch_one(&mut *tx)
+                .await?;
+            Some(parse_kind(&kind)?)
+        };
+        let registered = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{RELEASE_SELECT} WHERE r.bundle = $1 AND r.version = $2"
+        )))
+        .bind(&release.bundle)
+        .bind(&release.version)
+        .fetch_optional(&mut *tx)
+        .await?
+        .as_ref()
+        .map(release_from_row)
+        .transpose()?;
+        // A refusal drops the transaction, undoing the bundle claimed above.
+        match registry::decide(registered_kind, registered.as_ref(), release)? {
+            Decision::AlreadyRegistered => {
+                let release = registered.ok_or_else(|| StoreError::Corrupt("no registered release".into()))?;
+                Ok(Registration {
+                    release,
+                    already_registered: true,
+                })
+            }
+            Decision::Insert { .. } => {
+                sqlx::query(
+                    "INSERT INTO releases (bundle, version, bucket, object_key, object_version, sha256, size, pushed_by, pushed_at) \
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                )
+                .bind(&release.bundle)
+                .bind(&release.version)
+                .bind(&release.bucket)
+                .bind(&release.key)
+                .bind(release.object_version.as_deref())
+                .bind(release.sha256.to_hex())
+                .bind(size)
+                .bind(&release.pushed_by)
+                .bind(release.pushed_at_ms)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+                Ok(Registration {
+                    release: release.clone(),
+                    already_registered: false,
+                })
+            }
+        }
+    }
+
+    /// Every release, or those of one bundle, by bundle and then push time.
+    pub async fn list_releases(&self, bundle: Option<&str>) -> Result<Vec<Release>, StoreError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{RELEASE_SELECT} WHERE ($1 IS NULL OR r.bundle = $1) ORDER BY r.bundle, r.pushed_at, r.version"
+        )))
+        .bind(bundle)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(release_from_row).collect()
+    }
+
+    pub async fn get_release(&self, bundle: &str, version: &str) -> Result<Release, StoreError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "{RELEASE_SELECT} WHERE r.bundle = $1 AND r.version = $2"
+        )))
+        .bind(bundle)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?
+        .ok_or_else(|| StoreError::NoSuchRelease {
+            bundle: bundle.to_owned(),
+            version: version.to_owned(),
+        })?;
+        release_from_row(&row)
+    }
+
     // ---- audit trail ----------------------------------------------------
 
     pub async fn record_event(&self, event: &Event) -> Result<(), StoreError> {
@@ -447,6 +560,35 @@ const INSTANCE_SELECT: &str = "SELECT i.id, i.stack, i.hostname, i.layer, i.zone
         i.joined_at, i.last_seen, i.observed, \
         (SELECT MAX(c.not_after) FROM certificates c WHERE c.instance_id = i.id) AS certificate_not_after \
      FROM instances i";
+
+const RELEASE_SELECT: &str = "SELECT r.bundle, b.kind, r.version, r.bucket, r.object_key, r.object_version, \
+        r.sha256, r.size, r.pushed_by, r.pushed_at \
+     FROM releases r JOIN bundles b ON b.name = r.bundle";
+
+fn parse_kind(kind: &str) -> Result<BundleKind, StoreError> {
+    kind.parse()
+        .map_err(|error: crate::model::InvalidInput| StoreError::Corrupt(error.to_string()))
+}
+
+fn release_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Release, StoreError> {
+    let kind: String = row.try_get("kind")?;
+    let sha256: String = row.try_get("sha256")?;
+    let size: i64 = row.try_get("size")?;
+    Ok(Release {
+        bundle: row.try_get("bundle")?,
+        kind: parse_kind(&kind)?,
+        version: row.try_get("version")?,
+        bucket: row.try_get("bucket")?,
+        key: row.try_get("object_key")?,
+        object_version: row.try_get("object_version")?,
+        sha256: sha256
+            .parse()
+            .map_err(|_| StoreError::Corrupt(format!("release sha256 {sha256:?}")))?,
+        size: u64::try_from(size).map_err(|_| StoreError::Corrupt("release size".into()))?,
+        pushed_by: row.try_get("pushed_by")?,
+        pushed_at_ms: row.try_get("pushed_at")?,
+    })
+}
 
 async fn update_facts(
     tx: &mut sqlx::Transaction<'_, sqlx::Sqlite>,
@@ -624,6 +766,103 @@ mod tests {
             store.remove_instance("i-1").await,
             Err(StoreError::NoSuchInstance(_))
         ));
+    }
+
+    fn release(bundle: &str, kind: BundleKind, version: &str, content: &[u8]) -> Release {
+        Release {
+            bundle: bundle.into(),
+            kind,
+            version: version.into(),
+            bucket: "releases".into(),
+            key: format!("releases/{bundle}/{version}.zip"),
+            object_version: Some("v1".into()),
+            sha256: rollwave_release::Sha256::of(content),
+            size: content.len() as u64,
+            pushed_by: "admin".into(),
+            pushed_at_ms: 10,
+        }
+    }
+
+    #[tokio::test]
+    async fn releases_register_once_and_refuse_changes() {
+        let (_dir, store) = open().await;
+        let first = release("web", BundleKind::App, "1.0", b"one");
+        let registered = store.register_release(&first).await.expect("register");
+        assert_eq!(
+            registered,
+            Registration {
+                release: first.clone(),
+                already_registered: false
+            }
+        );
+
+        // Again, from another operator and upload: the first record stands.
+        let again = Release {
+            pushed_by: "someone-else".into(),
+            object_version: Some("v2".into()),
+            pushed_at_ms: 20,
+            ..first.clone()
+        };
+        let repeat = store.register_release(&again).await.expect("repeat");
+        assert!(repeat.already_registered);
+        assert_eq!(repeat.release, first);
+
+        let changed = store
+            .register_release(&release("web", BundleKind::App, "1.0", b"two"))
+            .await;
+        assert!(
+            matches!(
+                changed,
+                Err(StoreError::RegistrationRefused(
+                    RegistrationRefused::ChangeContent { .. }
+                ))
+            ),
+            "{changed:?}"
+        );
+        let cookbook = store
+            .register_release(&release("web", BundleKind::Cookbook, "2.0", b"three"))
+            .await;
+        assert!(
+            matches!(
+                cookbook,
+                Err(StoreError::RegistrationRefused(RegistrationRefused::ChangeKind { .. }))
+            ),
+            "{cookbook:?}"
+        );
+
+        let unversioned = Release {
+            object_version: None,
+            ..release("chef", BundleKind::Cookbook, "7", b"four")
+        };
+        store.register_release(&unversioned).await.expect("second bundle");
+        assert_eq!(
+            store.get_release("chef", "7").await.expect("get"),
+            unversioned,
+            "an unversioned release reads back without an object version"
+        );
+        let all = store.list_releases(None).await.expect("list");
+        assert_eq!(all.iter().map(Release::name).collect::<Vec<_>>(), ["chef@7", "web@1.0"]);
+        let web = store.list_releases(Some("web")).await.expect("list web");
+        assert_eq!(web, [first]);
+        assert!(matches!(
+            store.get_release("web", "2.0").await,
+            Err(StoreError::NoSuchRelease { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn racing_registrations_of_one_version_let_exactly_one_win() {
+        let (_dir, store) = open().await;
+        let (one, other) = (
+            release("api", BundleKind::App, "1", b"a"),
+            release("api", BundleKind::App, "1", b"b"),
+        );
+        let (first, second) = tokio::join!(store.register_release(&one), store.register_release(&other));
+        assert!(
+            first.is_ok() != second.is_ok(),
+            "exactly one wins: {first:?} {second:?}"
+        );
+        assert_eq!(store.list_releases(Some("api")).await.expect("list").len(), 1);
     }
 
     #[tokio::test]

@@ -3,6 +3,7 @@
 
 mod install;
 mod joining;
+mod releases;
 mod restart;
 mod tls;
 mod tokens;

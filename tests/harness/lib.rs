@@ -1,6 +1,11 @@
 //! The end-to-end harness: real `rollwave` and `rollwave-agent` processes on
 //! loopback, each in its own temp dir, killed when the test ends (pass or
 //! fail). Waiting is always on a condition with a deadline, never a sleep.
+//! `s3` adds buckets on the S3 server that `tests/run` starts.
+
+pub mod s3;
+
+pub use s3::S3Bucket;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +32,34 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// Environment variables that point the CLI at a coordinator or a bucket;
+/// removed from every CLI run so a developer's shell cannot leak into a test.
+const CLI_SETTINGS_VARS: &[&str] = &[
+    "ROLLWAVE_ADDR",
+    "ROLLWAVE_TOKEN",
+    "ROLLWAVE_CA",
+    "ROLLWAVE_CONFIG",
+    "ROLLWAVE_S3_BUCKET",
+    "ROLLWAVE_S3_ENDPOINT",
+    "ROLLWAVE_S3_REGION",
+    "ROLLWAVE_S3_PATH_STYLE",
+];
+
+/// A `rollwave` command with no coordinator settings at all, plus `env`.
+fn rollwave_command(env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(binary("rollwave"));
+    for name in CLI_SETTINGS_VARS {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied());
+    command
+}
+
+/// Runs the CLI without any coordinator (for commands such as `release build`).
+pub fn try_rollwave_offline(args: &[&str]) -> Output {
+    rollwave_command(&[]).args(args).output().expect("run rollwave")
 }
 
 /// Polls `condition` until it returns `Some`, or panics naming `what`.
@@ -209,13 +242,17 @@ impl Coordinator {
 
     /// Runs the CLI against this coordinator.
     pub fn try_cli(&self, args: &[&str]) -> Output {
-        Command::new(binary("rollwave"))
+        self.try_cli_with_env(args, &[])
+    }
+
+    /// Runs the CLI against this coordinator with extra environment variables
+    /// (`ROLLWAVE_S3_BUCKET`, say). The AWS test credentials that `tests/run`
+    /// exports are inherited.
+    pub fn try_cli_with_env(&self, args: &[&str], env: &[(&str, &str)]) -> Output {
+        rollwave_command(env)
             .arg("--config")
             .arg(self.data_dir().join("cli.toml"))
             .args(args)
-            .env_remove("ROLLWAVE_ADDR")
-            .env_remove("ROLLWAVE_TOKEN")
-            .env_remove("ROLLWAVE_CA")
             .output()
             .expect("run rollwave")
     }

@@ -1,8 +1,10 @@
 //! The `rollwave` command line: the server, the demo, and the operator
 //! commands that talk to a coordinator over gRPC.
 
+pub mod git;
 pub mod output;
 pub mod profile;
+pub mod release;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +19,7 @@ use tonic::transport::Channel;
 
 use self::output::{InstanceView, OutputFormat, StackView, TokenView, print_item, print_list};
 use self::profile::{ConfigError, Profile, ProfileFlags};
+use self::release::ReleaseCommand;
 
 /// Exit code for a configuration the program cannot work with (sysexits EX_USAGE).
 pub const EXIT_CONFIG: u8 = 64;
@@ -37,7 +40,7 @@ pub const EXIT_CONFIG: u8 = 64;
 pub struct Cli {
     #[command(flatten)]
     pub connection: ConnectionArgs,
-    /// Output format of listings and `show`: readable table, or JSON for scripts
+    /// Output format: readable tables and lines, or JSON for scripts
     #[arg(long, short = 'o', global = true, value_enum, default_value = "table")]
     pub output: OutputFormat,
     #[command(subcommand)]
@@ -75,6 +78,9 @@ pub enum Command {
     /// Create, list and revoke join tokens
     #[command(subcommand)]
     Token(TokenCommand),
+    /// Build, push, list and show releases (versioned archives of a bundle)
+    #[command(subcommand)]
+    Release(ReleaseCommand),
 }
 
 #[derive(Debug, Args)]
@@ -213,10 +219,15 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
         ca: cli.connection.ca.clone(),
         config: cli.connection.config.clone(),
     };
+    // Release commands resolve the profile themselves: building needs no coordinator.
+    let command = match cli.command {
+        Command::Release(command) => return release::run(command, &flags, cli.output, env).await,
+        other => other,
+    };
     let profile = profile::resolve(&flags, env)?;
     let mut client = operator_client(&profile).await?;
     let format = cli.output;
-    match cli.command {
+    match command {
         Command::Stack(StackCommand::Create { name, stage }) => {
             let stack = client
                 .create_stack(pb::CreateStackRequest { name, stage })
@@ -313,8 +324,8 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
             eprintln!("revoked join token {id}");
             Ok(())
         }
-        Command::Server(_) | Command::Demo(_) => {
-            unreachable!("server and demo are dispatched by main")
+        Command::Server(_) | Command::Demo(_) | Command::Release(_) => {
+            unreachable!("server and demo are dispatched by main, releases above")
         }
     }
 }

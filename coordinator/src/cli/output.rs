@@ -52,8 +52,9 @@ impl From<pb::Stack> for StackView {
     }
 }
 
+/// A release an instance reports having.
 #[derive(Debug, Serialize)]
-pub struct ReleaseView {
+pub struct ObservedReleaseView {
     pub bundle: String,
     pub version: String,
     pub sha256: String,
@@ -73,7 +74,7 @@ pub struct InstanceView {
     pub last_seen: String,
     pub joined_at: String,
     pub certificate_expires: String,
-    pub observed: Vec<ReleaseView>,
+    pub observed: Vec<ObservedReleaseView>,
     #[serde(skip)]
     last_seen_ms: i64,
 }
@@ -95,7 +96,7 @@ impl From<pb::Instance> for InstanceView {
             observed: instance
                 .observed
                 .into_iter()
-                .map(|release| ReleaseView {
+                .map(|release| ObservedReleaseView {
                     bundle: release.bundle,
                     version: release.version,
                     sha256: release.sha256,
@@ -129,6 +130,67 @@ impl From<pb::Token> for TokenView {
             created_at: rfc3339(token.created_at_unix_ms),
             expires_at: rfc3339(token.expires_at_unix_ms),
         }
+    }
+}
+
+/// A registered release.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReleaseView {
+    pub bundle: String,
+    pub version: String,
+    pub kind: String,
+    pub sha256: String,
+    pub size: u64,
+    pub bucket: String,
+    pub key: String,
+    /// `null` for a release pushed to an unversioned bucket.
+    pub object_version: Option<String>,
+    pub pushed_by: String,
+    pub pushed_at: String,
+}
+
+impl From<pb::Release> for ReleaseView {
+    fn from(release: pb::Release) -> Self {
+        Self {
+            bundle: release.bundle,
+            version: release.version,
+            kind: release.kind,
+            sha256: release.sha256,
+            size: release.size,
+            bucket: release.bucket,
+            key: release.key,
+            object_version: release.object_version.filter(|version| !version.is_empty()),
+            pushed_by: release.pushed_by,
+            pushed_at: rfc3339(release.pushed_at_unix_ms),
+        }
+    }
+}
+
+/// Digits of a sha256 shown in tables; `release show` prints all of them.
+const SHORT_SHA256_LEN: usize = 12;
+
+impl Tabular for ReleaseView {
+    const HEADERS: &'static [&'static str] = &[
+        "BUNDLE",
+        "VERSION",
+        "KIND",
+        "SIZE",
+        "SHA256",
+        "OBJECT VERSION",
+        "PUSHED BY",
+        "PUSHED AT",
+    ];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.bundle.clone(),
+            self.version.clone(),
+            self.kind.clone(),
+            self.size.to_string(),
+            self.sha256.chars().take(SHORT_SHA256_LEN).collect(),
+            self.object_version.clone().unwrap_or_else(|| "-".into()),
+            self.pushed_by.clone(),
+            self.pushed_at.clone(),
+        ]
     }
 }
 
@@ -234,6 +296,7 @@ pub fn print_item<T: Serialize>(format: OutputFormat, item: &T) -> anyhow::Resul
                 for (key, field) in fields {
                     let text = match field {
                         serde_json::Value::String(text) => text,
+                        serde_json::Value::Null => "-".to_owned(),
                         other => other.to_string(),
                     };
                     println!("{key:<width$}  {text}");

@@ -1,9 +1,11 @@
-//! Where the CLI finds its coordinator: address, operator token and CA
-//! certificate, each from a flag, else an environment variable, else a config
-//! file (`--config`, `ROLLWAVE_CONFIG`, or `~/.config/rollwave/cli.toml`).
+//! Where the CLI finds its coordinator (address, operator token and CA
+//! certificate) and the S3 bucket releases are pushed to, each from a flag,
+//! else an environment variable, else a config file (`--config`,
+//! `ROLLWAVE_CONFIG`, or `~/.config/rollwave/cli.toml`).
 
 use std::path::{Path, PathBuf};
 
+use rollwave_artifacts::S3Settings;
 use serde::Deserialize;
 
 /// A missing or unreadable setting: the CLI exits 64 for these.
@@ -48,6 +50,35 @@ struct ProfileFile {
     token: Option<String>,
     token_file: Option<PathBuf>,
     ca: Option<PathBuf>,
+    /// Where `rollwave release push` uploads.
+    s3: Option<S3File>,
+}
+
+/// The `[s3]` table of the config file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3File {
+    bucket: Option<String>,
+    endpoint: Option<String>,
+    region: Option<String>,
+    force_path_style: Option<bool>,
+}
+
+/// S3 settings given as flags.
+#[derive(Debug, Clone, Default)]
+pub struct S3Flags {
+    pub bucket: Option<String>,
+    pub endpoint: Option<String>,
+    pub region: Option<String>,
+    /// `--s3-path-style` was given.
+    pub path_style: bool,
+}
+
+/// Where releases are uploaded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct S3Target {
+    pub bucket: String,
+    pub settings: S3Settings,
 }
 
 /// Everything the CLI needs to call the coordinator.
@@ -63,13 +94,13 @@ fn read_file(path: &Path, what: &str) -> Result<String, ConfigError> {
         .map_err(|error| ConfigError(format!("cannot read {what} {}: {error}", path.display())))
 }
 
-/// Resolves the profile: flags win over the environment, the environment over the file.
-pub fn resolve(flags: &ProfileFlags, env: &dyn Environment) -> Result<Profile, ConfigError> {
+/// Finds and reads the config file, if there is one.
+fn load_file(flags: &ProfileFlags, env: &dyn Environment) -> Result<(Option<PathBuf>, ProfileFile), ConfigError> {
     let explicit_config = flags
         .config
         .clone()
         .or_else(|| env.var("ROLLWAVE_CONFIG").map(PathBuf::from));
-    let config_path = explicit_config.clone().or_else(|| {
+    let config_path = explicit_config.or_else(|| {
         env.var("HOME")
             .map(|home| PathBuf::from(home).join(".config/rollwave/cli.toml"))
             .filter(|path| path.exists())
@@ -82,6 +113,63 @@ pub fn resolve(flags: &ProfileFlags, env: &dyn Environment) -> Result<Profile, C
         }
         None => ProfileFile::default(),
     };
+    Ok((config_path, file))
+}
+
+/// Resolves the S3 target of `release push`: flags, else `ROLLWAVE_S3_BUCKET`,
+/// `ROLLWAVE_S3_ENDPOINT`, `ROLLWAVE_S3_REGION`, `ROLLWAVE_S3_PATH_STYLE`,
+/// else the config file's `[s3]` table. Credentials come from the standard
+/// AWS chain, never from here.
+pub fn resolve_s3(flags: &ProfileFlags, s3: &S3Flags, env: &dyn Environment) -> Result<S3Target, ConfigError> {
+    let (_, file) = load_file(flags, env)?;
+    let file = file.s3.unwrap_or_default();
+    let bucket = s3
+        .bucket
+        .clone()
+        .or_else(|| env.var("ROLLWAVE_S3_BUCKET"))
+        .or(file.bucket)
+        .ok_or_else(|| {
+            ConfigError(
+                "no S3 bucket: pass --bucket NAME, set ROLLWAVE_S3_BUCKET, or set bucket in the [s3] table of the config file"
+                    .into(),
+            )
+        })?;
+    let path_style_env = match env.var("ROLLWAVE_S3_PATH_STYLE").as_deref() {
+        None => None,
+        Some("1" | "true") => Some(true),
+        Some("0" | "false") => Some(false),
+        Some(other) => {
+            return Err(ConfigError(format!(
+                "ROLLWAVE_S3_PATH_STYLE={other:?}: expected true or false"
+            )));
+        }
+    };
+    let force_path_style = if s3.path_style {
+        true
+    } else {
+        path_style_env.or(file.force_path_style).unwrap_or(false)
+    };
+    Ok(S3Target {
+        bucket,
+        settings: S3Settings {
+            endpoint: s3
+                .endpoint
+                .clone()
+                .or_else(|| env.var("ROLLWAVE_S3_ENDPOINT"))
+                .or(file.endpoint),
+            region: s3
+                .region
+                .clone()
+                .or_else(|| env.var("ROLLWAVE_S3_REGION"))
+                .or(file.region),
+            force_path_style,
+        },
+    })
+}
+
+/// Resolves the profile: flags win over the environment, the environment over the file.
+pub fn resolve(flags: &ProfileFlags, env: &dyn Environment) -> Result<Profile, ConfigError> {
+    let (config_path, file) = load_file(flags, env)?;
     let relative_to_config = |path: PathBuf| match (&config_path, path.is_relative()) {
         (Some(config), true) => config.parent().unwrap_or(Path::new(".")).join(path),
         _ => path,
@@ -202,6 +290,69 @@ mod tests {
         let error = resolve(&ProfileFlags::default(), &HashMap::new()).expect_err("nothing configured");
         assert!(
             error.0.contains("--addr") && error.0.contains("ROLLWAVE_ADDR"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn s3_settings_come_from_flags_then_environment_then_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = write(
+            dir.path(),
+            "cli.toml",
+            "[s3]\nbucket = \"file-bucket\"\nendpoint = \"http://file:9000\"\nregion = \"eu-west-1\"\nforce_path_style = true\n",
+        );
+        let flags = ProfileFlags {
+            config: Some(config),
+            ..ProfileFlags::default()
+        };
+        let from_file = resolve_s3(&flags, &S3Flags::default(), &HashMap::new()).expect("file");
+        assert_eq!(
+            from_file,
+            S3Target {
+                bucket: "file-bucket".into(),
+                settings: S3Settings {
+                    endpoint: Some("http://file:9000".into()),
+                    region: Some("eu-west-1".into()),
+                    force_path_style: true,
+                },
+            }
+        );
+        let env = HashMap::from([
+            ("ROLLWAVE_S3_BUCKET", "env-bucket"),
+            ("ROLLWAVE_S3_ENDPOINT", "http://env:9000"),
+            ("ROLLWAVE_S3_PATH_STYLE", "false"),
+        ]);
+        let from_env = resolve_s3(&flags, &S3Flags::default(), &env).expect("env");
+        assert_eq!(
+            (
+                from_env.bucket.as_str(),
+                from_env.settings.endpoint.as_deref(),
+                from_env.settings.force_path_style
+            ),
+            ("env-bucket", Some("http://env:9000"), false)
+        );
+        let s3_flags = S3Flags {
+            bucket: Some("flag-bucket".into()),
+            endpoint: Some("http://flag:9000".into()),
+            region: None,
+            path_style: true,
+        };
+        let from_flags = resolve_s3(&flags, &s3_flags, &env).expect("flags");
+        assert_eq!(
+            (
+                from_flags.bucket.as_str(),
+                from_flags.settings.endpoint.as_deref(),
+                from_flags.settings.region.as_deref(),
+                from_flags.settings.force_path_style
+            ),
+            ("flag-bucket", Some("http://flag:9000"), Some("eu-west-1"), true)
+        );
+
+        let error =
+            resolve_s3(&ProfileFlags::default(), &S3Flags::default(), &HashMap::new()).expect_err("no bucket anywhere");
+        assert!(
+            error.0.contains("--bucket") && error.0.contains("ROLLWAVE_S3_BUCKET"),
             "{error}"
         );
     }

@@ -14,6 +14,7 @@ use crate::ca::{CaError, CertificateAuthority};
 use crate::identity::IssuedCertificates;
 use crate::model::{Event, InvalidInput, unix_ms};
 use crate::presence::PresencePolicy;
+use crate::registry::RegistrationRefused;
 use crate::sessions::Sessions;
 use crate::store::{Store, StoreError};
 
@@ -85,6 +86,13 @@ impl From<ServiceError> for Status {
             ServiceError::Store(StoreError::StackExists(_)) => Status::already_exists(message),
             ServiceError::Store(StoreError::TokenUnusable { .. }) => Status::permission_denied(message),
             ServiceError::Store(StoreError::InstanceInOtherStack { .. }) => Status::failed_precondition(message),
+            ServiceError::Store(StoreError::NoSuchRelease { .. }) => Status::not_found(message),
+            ServiceError::Store(StoreError::RegistrationRefused(refused)) => match refused {
+                RegistrationRefused::ChangeKind { .. } => Status::failed_precondition(message),
+                RegistrationRefused::ChangeContent { .. } | RegistrationRefused::ChangeLocation { .. } => {
+                    Status::already_exists(message)
+                }
+            },
             ServiceError::Store(_) | ServiceError::Ca(_) => {
                 tracing::error!(error = %message, "internal error");
                 Status::internal(message)

@@ -1,5 +1,5 @@
-//! `rollwave.v1.OperatorService`: stacks, instances and join tokens, for
-//! authenticated operators only.
+//! `rollwave.v1.OperatorService`: stacks, instances, join tokens and
+//! releases, for authenticated operators only.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -10,7 +10,10 @@ use rollwave_trust::JoinToken;
 use tonic::{Request, Response, Status};
 
 use super::{ServiceError, Shared, random_hex, secret_hash};
-use crate::model::{Instance, JoinTokenRecord, Stack, Stage, unix_ms, validate_name};
+use crate::model::{
+    BundleKind, Instance, InvalidInput, JoinTokenRecord, Release, Stack, Stage, parse_sha256, unix_ms, validate_name,
+};
+use crate::store::StoreError;
 
 /// Longest join token lifetime: a token is a bootstrap credential, not an account.
 const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -70,7 +73,7 @@ fn operator_of<T>(request: &Request<T>) -> String {
         .extensions()
         .get::<Operator>()
         .map(|operator| operator.name.clone())
-        .unwrap_or_else(|| "unknown".into())
+        .unwrap_or_else(|| "operator".into())
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +138,43 @@ fn token_to_proto(token: &JoinTokenRecord, now_ms: i64) -> pb::Token {
         revoked: token.revoked,
         status: token.status(now_ms).as_str().to_owned(),
     }
+}
+
+fn release_to_proto(release: Release) -> pb::Release {
+    pb::Release {
+        bundle: release.bundle,
+        kind: release.kind.as_str().to_owned(),
+        version: release.version,
+        bucket: release.bucket,
+        key: release.key,
+        object_version: release.object_version,
+        sha256: release.sha256.to_hex(),
+        size: release.size,
+        pushed_by: release.pushed_by,
+        pushed_at_unix_ms: release.pushed_at_ms,
+    }
+}
+
+/// The release a registration asks for, validated; who and when come from the call.
+fn release_from_request(
+    request: pb::RegisterReleaseRequest,
+    pushed_by: String,
+    pushed_at_ms: i64,
+) -> Result<Release, InvalidInput> {
+    let release = Release {
+        kind: request.kind.parse::<BundleKind>()?,
+        sha256: parse_sha256(&request.sha256)?,
+        bundle: request.bundle,
+        version: request.version,
+        bucket: request.bucket,
+        key: request.key,
+        object_version: request.object_version,
+        size: request.size,
+        pushed_by,
+        pushed_at_ms,
+    };
+    release.validate()?;
+    Ok(release)
 }
 
 fn optional(value: &str) -> Option<&str> {
@@ -329,5 +369,160 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .audit(&actor, "token.revoke", &id, "ok", String::new())
             .await;
         Ok(Response::new(pb::RevokeTokenResponse {}))
+    }
+
+    async fn register_release(
+        &self,
+        request: Request<pb::RegisterReleaseRequest>,
+    ) -> Result<Response<pb::RegisterReleaseResponse>, Status> {
+        let actor = operator_of(&request);
+        let request = request.into_inner();
+        let target = format!("{}@{}", request.bundle, request.version);
+        let release =
+            release_from_request(request, actor.clone(), unix_ms(SystemTime::now())).map_err(ServiceError::from)?;
+        let shared = &self.shared;
+        let registration = match shared.store.register_release(&release).await {
+            Ok(registration) => registration,
+            Err(error @ StoreError::RegistrationRefused(_)) => {
+                shared
+                    .audit(&actor, "release.register", &target, "refused", error.to_string())
+                    .await;
+                return Err(ServiceError::from(error).into());
+            }
+            Err(error) => return Err(ServiceError::from(error).into()),
+        };
+        let outcome = if registration.already_registered {
+            "already registered"
+        } else {
+            "ok"
+        };
+        shared
+            .audit(
+                &actor,
+                "release.register",
+                &target,
+                outcome,
+                format!(
+                    "{} sha256 {} size {} at {}",
+                    registration.release.kind,
+                    registration.release.sha256,
+                    registration.release.size,
+                    registration.release.location()
+                ),
+            )
+            .await;
+        Ok(Response::new(pb::RegisterReleaseResponse {
+            already_registered: registration.already_registered,
+            release: Some(release_to_proto(registration.release)),
+        }))
+    }
+
+    async fn list_releases(
+        &self,
+        request: Request<pb::ListReleasesRequest>,
+    ) -> Result<Response<pb::ListReleasesResponse>, Status> {
+        let request = request.into_inner();
+        let releases = self
+            .shared
+            .store
+            .list_releases(optional(&request.bundle))
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(pb::ListReleasesResponse {
+            releases: releases.into_iter().map(release_to_proto).collect(),
+        }))
+    }
+
+    async fn get_release(&self, request: Request<pb::GetReleaseRequest>) -> Result<Response<pb::Release>, Status> {
+        let request = request.into_inner();
+        let release = self
+            .shared
+            .store
+            .get_release(&request.bundle, &request.version)
+            .await
+            .map_err(ServiceError::from)?;
+        Ok(Response::new(release_to_proto(release)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> pb::RegisterReleaseRequest {
+        pb::RegisterReleaseRequest {
+            bundle: "site".into(),
+            kind: "app".into(),
+            version: "1.4.2".into(),
+            bucket: "releases".into(),
+            key: "releases/site/1.4.2.zip".into(),
+            object_version: Some("3HL4kqtJlcpXroDTDmJ".into()),
+            sha256: "7692c3ad3540bb803c020b3aee66cd8887123234ea0c6e7143c0add73ff431ed".into(),
+            size: 3,
+        }
+    }
+
+    #[test]
+    fn registrations_are_validated_at_the_edge() {
+        let release = release_from_request(request(), "admin".into(), 5).expect("valid");
+        assert_eq!(
+            (release.name(), release.pushed_by.as_str(), release.pushed_at_ms),
+            ("site@1.4.2".to_owned(), "admin", 5)
+        );
+        let cases: Vec<(pb::RegisterReleaseRequest, &str)> = vec![
+            (
+                pb::RegisterReleaseRequest {
+                    bundle: "a/b".into(),
+                    ..request()
+                },
+                "bundle name \"a/b\" is invalid: use 1 to 128 characters",
+            ),
+            (
+                pb::RegisterReleaseRequest {
+                    version: "current".into(),
+                    ..request()
+                },
+                "version \"current\" is invalid",
+            ),
+            (
+                pb::RegisterReleaseRequest {
+                    kind: "library".into(),
+                    ..request()
+                },
+                "invalid bundle kind \"library\": expected app or cookbook",
+            ),
+            (
+                pb::RegisterReleaseRequest {
+                    sha256: "ABC".into(),
+                    ..request()
+                },
+                "invalid sha256 \"ABC\"",
+            ),
+            (
+                pb::RegisterReleaseRequest {
+                    bucket: String::new(),
+                    ..request()
+                },
+                "invalid bucket \"\"",
+            ),
+            (
+                pb::RegisterReleaseRequest {
+                    key: String::new(),
+                    ..request()
+                },
+                "invalid object key \"\"",
+            ),
+            (
+                pb::RegisterReleaseRequest {
+                    object_version: Some(String::new()),
+                    ..request()
+                },
+                "leave it unset for an unversioned bucket",
+            ),
+        ];
+        for (request, fragment) in cases {
+            let error = release_from_request(request, "admin".into(), 5).expect_err(fragment);
+            assert!(error.to_string().contains(fragment), "{error}");
+        }
     }
 }
