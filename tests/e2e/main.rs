@@ -5,6 +5,7 @@ mod install;
 mod joining;
 mod releases;
 mod restart;
+mod s3_install;
 mod tls;
 mod tokens;
 mod tools;
