@@ -44,13 +44,15 @@ done
 log "generating the release tree: 3 x 64 MiB + 4000 x 16 KiB"
 tree="$work/tree"
 mkdir -p "$tree/bin" "$tree/assets"
-for i in 1 2 3; do
-    # Half random, half repetitive: compresses about 2:1, like real binaries.
-    { head -c $((32 << 20)) /dev/urandom; yes "rollwave large file $i" | head -c $((32 << 20)); } >"$tree/bin/large-$i"
-done
-"$venv/bin/python" - "$tree/assets" <<'EOF'
+"$venv/bin/python" - "$tree" <<'EOF'
 import os, sys
-root = sys.argv[1]
+tree = sys.argv[1]
+# Half random, half repetitive: compresses about 2:1, like real binaries.
+for i in range(1, 4):
+    with open(f"{tree}/bin/large-{i}", "wb") as out:
+        out.write(os.urandom(32 << 20))
+        out.write((f"rollwave large file {i}\n".encode() * (2 << 20))[: 32 << 20])
+root = f"{tree}/assets"
 for d in range(40):
     os.makedirs(f"{root}/{d:02}", exist_ok=True)
     for f in range(100):
@@ -71,9 +73,14 @@ s3 = boto3.client("s3", endpoint_url=sys.argv[1])
 s3.create_bucket(Bucket="bench")
 s3.put_bucket_versioning(Bucket="bench", VersioningConfiguration={"Status": "Enabled"})
 with open(sys.argv[2], "rb") as body:
-    print(s3.put_object(Bucket="bench", Key="releases/app/1.zip", Body=body)["VersionId"])
+    version = s3.put_object(Bucket="bench", Key="releases/app/1.zip", Body=body)["VersionId"]
+url = s3.generate_presigned_url(
+    "get_object", Params={"Bucket": "bench", "Key": "releases/app/1.zip", "VersionId": version}, ExpiresIn=3600
+)
+print(version, url)
 EOF
 )
+read -r version_id presigned_url <<<"$version_id"
 
 now() { date +%s.%N; }
 median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
@@ -97,14 +104,14 @@ measure() {
 }
 
 rollwave_install() {
-    /usr/bin/time -f '%M' -o "$work/rss" "$agent" install --root "$work/out" --bundle app --version 1 \
+    RUST_LOG=warn /usr/bin/time -f '%M' -o "$work/rss" "$agent" install --root "$work/out" --bundle app --version 1 \
         --sha256 "$sha" --s3-url s3://bench/releases/app/1.zip --s3-version-id "$version_id" --size "$size" \
         --s3-endpoint "$endpoint" --s3-path-style --no-hooks >/dev/null
     cat "$work/rss" >>"$work/rss.all"
 }
 
 curl_pipeline() {
-    curl -fsS -o "$work/out/release.zip" "$endpoint/bench/releases/app/1.zip?versionId=$version_id"
+    curl -fsS -o "$work/out/release.zip" "$presigned_url"
     echo "$sha  $work/out/release.zip" | sha256sum -c --quiet -
     unzip -q "$work/out/release.zip" -d "$work/out/app"
     sync
