@@ -96,6 +96,36 @@ struct AgentFile {
     /// Where release archives are read from (the agent's own AWS credentials).
     #[serde(default)]
     s3: S3Settings,
+    #[serde(default)]
+    install: InstallFile,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstallFile {
+    /// How long a newly activated release may take to pass its health checks.
+    #[serde(default = "default_health_deadline", with = "humantime_serde_compat")]
+    health_deadline: Duration,
+    /// Releases kept on disk per bundle.
+    #[serde(default = "default_retention")]
+    retention: usize,
+}
+
+fn default_health_deadline() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_retention() -> usize {
+    crate::installer::DEFAULT_RETENTION
+}
+
+impl Default for InstallFile {
+    fn default() -> Self {
+        Self {
+            health_deadline: default_health_deadline(),
+            retention: default_retention(),
+        }
+    }
 }
 
 /// The agent's whole configuration, validated.
@@ -118,6 +148,8 @@ pub struct AgentConfig {
     pub reconnect_initial: Duration,
     pub reconnect_max: Duration,
     pub s3: S3Settings,
+    /// How the agent installs releases (health deadline, retention).
+    pub install: crate::installer::InstallSettings,
 }
 
 impl AgentConfig {
@@ -165,6 +197,11 @@ impl AgentConfig {
             reconnect_initial: file.reconnect.initial,
             reconnect_max: file.reconnect.max,
             s3: file.s3,
+            install: crate::installer::InstallSettings {
+                health_deadline: file.install.health_deadline,
+                retention: file.install.retention.max(2),
+                ..crate::installer::InstallSettings::default()
+            },
         })
     }
 }

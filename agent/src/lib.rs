@@ -16,6 +16,7 @@ pub mod journal;
 pub mod layout;
 pub mod link;
 pub mod lock;
+pub mod reconcile;
 pub mod service;
 
 use std::time::SystemTime;
@@ -25,7 +26,7 @@ use rollwave_proto::v1 as pb;
 use crate::backoff::Backoff;
 use crate::config::{AgentConfig, ImdsMode};
 use crate::identity::{Identity, IdentityError};
-use crate::installer::{InstallSettings, Installer};
+use crate::installer::Installer;
 use crate::join::{JoinError, JoinRequest};
 use crate::layout::Layout;
 use crate::lock::{LockError, StateDirLock};
@@ -118,6 +119,9 @@ async fn join_until_done(
     }
 }
 
+/// Reports queued while the session is down (progress first; health is dropped when half full).
+const REPORT_QUEUE: usize = 1024;
+
 /// Stops a background task when the agent's run ends.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -133,7 +137,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let _lock = StateDirLock::acquire(&config.state_dir)?;
     // Finish or roll back installs a killed agent left behind before anything else.
     let s3 = rollwave_artifacts::client(&config.s3).await;
-    let installer = Installer::new(Layout::new(&config.state_dir), InstallSettings::default(), Some(s3));
+    let installer = Installer::new(Layout::new(&config.state_dir), config.install.clone(), Some(s3));
     if let Err(error) = installer.recover_all().await {
         tracing::warn!(%error, "cannot recover interrupted installs");
     }
@@ -145,6 +149,15 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         }
     }));
+    // Desired state in from the session, reports out to it; both outlive any one session.
+    let (desired, desired_receiver) = tokio::sync::watch::channel(None);
+    let (reports, mut report_queue) = tokio::sync::mpsc::channel(REPORT_QUEUE);
+    let _reconciler = AbortOnDrop(tokio::spawn(reconcile::run(
+        installer.clone(),
+        desired_receiver,
+        reports.clone(),
+    )));
+    let _health = AbortOnDrop(tokio::spawn(reconcile::report_health(installer.clone(), reports)));
     let (facts, instance_id) = gather_facts(&config).await;
     let mut identity = match Identity::load(&config.tls_dir)? {
         Some(identity) => identity,
@@ -153,7 +166,16 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     loop {
         let started = std::time::Instant::now();
-        let result = link::run_session(&config.coordinator, &mut identity, &config.tls_dir, facts.clone()).await;
+        let result = link::run_session(
+            &config.coordinator,
+            &mut identity,
+            &config.tls_dir,
+            facts.clone(),
+            reconcile::observed(&installer),
+            &desired,
+            &mut report_queue,
+        )
+        .await;
         match result {
             Ok(()) => backoff.reset(),
             Err(error) if error.is_permanent() => {

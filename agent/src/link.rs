@@ -10,7 +10,7 @@ use rollwave_proto::v1::agent_message::Body as AgentBody;
 use rollwave_proto::v1::agent_service_client::AgentServiceClient;
 use rollwave_proto::v1::coordinator_message::Body as CoordinatorBody;
 use rollwave_trust::{AGENT_SERVER_NAME, ChannelOptions};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -72,6 +72,9 @@ pub async fn run_session(
     identity: &mut Identity,
     tls_dir: &std::path::Path,
     facts: pb::InstanceFacts,
+    observed: Vec<pb::ObservedRelease>,
+    desired: &watch::Sender<Option<pb::DesiredState>>,
+    reports: &mut mpsc::Receiver<pb::AgentMessage>,
 ) -> Result<(), SessionError> {
     let channel = dial(coordinator, identity).await?;
     let mut client = AgentServiceClient::new(channel);
@@ -82,7 +85,7 @@ pub async fn run_session(
             body: Some(AgentBody::Hello(pb::Hello {
                 instance_id: identity.instance_id.clone(),
                 facts: Some(facts),
-                observed: Vec::new(),
+                observed,
             })),
         })
         .await
@@ -130,13 +133,19 @@ pub async fn run_session(
                     return Err(SessionError::Closed);
                 }
             }
+            Some(report) = reports.recv() => {
+                if outbound.send(report).await.is_err() {
+                    return Err(SessionError::Closed);
+                }
+            }
             message = inbound.next() => match message {
                 None => return Err(SessionError::Closed),
                 Some(Err(status)) => return Err(status.into()),
                 Some(Ok(message)) => match message.body {
                     Some(CoordinatorBody::HeartbeatAck(ack)) => acknowledged = acknowledged.max(ack.sequence),
-                    Some(CoordinatorBody::DesiredState(desired)) => {
-                        tracing::info!(epoch = desired.epoch, "desired state received");
+                    Some(CoordinatorBody::DesiredState(state)) => {
+                        tracing::info!(epoch = state.epoch, deployment = %state.deployment_id, "desired state received");
+                        desired.send_replace(Some(state));
                     }
                     Some(CoordinatorBody::HelloAck(_)) | None => {}
                 },

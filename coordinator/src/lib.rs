@@ -5,6 +5,7 @@
 pub mod ca;
 pub mod cli;
 pub mod demo;
+pub mod deployer;
 pub mod grpc;
 pub mod identity;
 pub mod listener;
@@ -16,3 +17,4 @@ pub mod rollout;
 pub mod server;
 pub mod sessions;
 pub mod store;
+pub mod wishes;

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
 use crate::ca::{CaError, CaFiles, CertificateAuthority};
+use crate::deployer::Deployer;
 use crate::grpc::agent::AgentApi;
 use crate::grpc::operator::{OperatorApi, OperatorAuth};
 use crate::grpc::{ServiceSettings, Shared, random_hex, secret_hash};
@@ -142,6 +143,9 @@ impl DataDirFiles {
 }
 
 /// A server that is accepting connections.
+/// How often running deployments check their deadlines.
+const DEPLOYMENT_TICK: Duration = Duration::from_millis(500);
+
 pub struct RunningServer {
     pub local_addr: SocketAddr,
     pub files: DataDirFiles,
@@ -149,6 +153,8 @@ pub struct RunningServer {
     shared: Arc<Shared>,
     shutdown: oneshot::Sender<()>,
     task: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// Drives running deployments (deadlines, bakes, lost instances).
+    ticker: JoinHandle<()>,
     grace: Duration,
 }
 
@@ -164,6 +170,7 @@ impl RunningServer {
     /// Ends agent sessions (agents reconnect with backoff), stops accepting,
     /// and waits up to the grace period for calls in flight.
     pub async fn shutdown(self) -> Result<(), ServerError> {
+        self.ticker.abort();
         self.shared
             .sessions
             .evict_all(tonic::Status::unavailable("coordinator shutting down"));
@@ -324,6 +331,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         issued,
         sessions: Sessions::default(),
         settings: options.settings.clone(),
+        deployer: Deployer::default(),
     });
 
     let limits = &options.limits;
@@ -365,8 +373,20 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_signal.await;
     }));
+    // Deployments a stopped coordinator left running go on from their persisted state.
+    if let Err(error) = shared.deployer.resume_all(&shared).await {
+        tracing::error!(%error, "cannot resume running deployments");
+    }
+    let ticking = shared.clone();
+    let ticker = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(DEPLOYMENT_TICK).await;
+            ticking.deployer.tick(&ticking).await;
+        }
+    });
     tracing::info!(addr = %local_addr, data_dir = %data_dir.display(), "coordinator listening");
     Ok(RunningServer {
+        ticker,
         local_addr,
         files,
         ca_pem,

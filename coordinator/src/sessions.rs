@@ -68,6 +68,15 @@ impl Sessions {
         }
     }
 
+    /// Queues `message` on the instance's session; `false` when it has none
+    /// (or its queue is full: the agent is not reading, and gets the wish again on its next hello).
+    pub fn push(&self, instance_id: &str, message: CoordinatorMessage) -> bool {
+        match lock(&self.live).get(instance_id) {
+            Some(session) => session.outbound.try_send(Ok(message)).is_ok(),
+            None => false,
+        }
+    }
+
     pub fn is_connected(&self, instance_id: &str) -> bool {
         lock(&self.live).contains_key(instance_id)
     }

@@ -20,9 +20,19 @@ use crate::model::{
 };
 use crate::registry::{self, Decision, RegistrationRefused};
 
+mod deployments;
+
+pub use deployments::{Approval, DeploymentRow, HealthRow, Pin};
+
 /// The SQLite migrations, embedded so the binary carries its own schema.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "initial", include_str!("../migrations/sqlite/0001_initial.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "initial", include_str!("../migrations/sqlite/0001_initial.sql")),
+    (
+        2,
+        "deployments",
+        include_str!("../migrations/sqlite/0002_deployments.sql"),
+    ),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -353,6 +353,13 @@ impl Agent {
             dir.join("state").display(),
             dir.join("tls").display(),
         );
+        // Releases come from the S3 server tests/run starts; a short health deadline keeps
+        // failing releases quick to refuse.
+        let mut config = config;
+        if let Ok(endpoint) = std::env::var(s3::ENDPOINT_VAR) {
+            config.push_str(&format!("[s3]\nendpoint = \"{endpoint}\"\nforce_path_style = true\n"));
+        }
+        config.push_str("[install]\nhealth_deadline = \"5s\"\n");
         std::fs::write(dir.join("agent.toml"), config).expect("agent.toml");
         let process = Self::spawn(&dir, 0);
         Self {

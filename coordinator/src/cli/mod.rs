@@ -1,6 +1,7 @@
 //! The `rollwave` command line: the server, the demo, and the operator
 //! commands that talk to a coordinator over gRPC.
 
+pub mod deploy;
 pub mod git;
 pub mod output;
 pub mod profile;
@@ -17,6 +18,7 @@ use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use self::deploy::{DeployArgs, DeploymentCommand, EventCommand, PinArgs, RollbackArgs, StatusArgs, UnpinArgs};
 use self::output::{InstanceView, OutputFormat, StackView, TokenView, print_item, print_list};
 use self::profile::{ConfigError, Profile, ProfileFlags};
 use self::release::ReleaseCommand;
@@ -81,6 +83,22 @@ pub enum Command {
     /// Build, push, list and show releases (versioned archives of a bundle)
     #[command(subcommand)]
     Release(ReleaseCommand),
+    /// Deploy a release to a stack, wave by wave: plan it, start it, watch it
+    Deploy(DeployArgs),
+    /// List, show, watch, pause, resume and abort deployments
+    #[command(subcommand)]
+    Deployment(DeploymentCommand),
+    /// Switch a stack back to the bundle's previous approved release, all at once
+    Rollback(RollbackArgs),
+    /// Hold instances at a release of a bundle; deployments skip them
+    Pin(PinArgs),
+    /// Return pinned instances to the approved release
+    Unpin(UnpinArgs),
+    /// What a stack runs, bundle by bundle, and which instances differ
+    Status(StatusArgs),
+    /// The audit trail: who did what, when
+    #[command(subcommand)]
+    Event(EventCommand),
 }
 
 #[derive(Debug, Args)]
@@ -224,6 +242,10 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
         Command::Release(command) => return release::run(command, &flags, cli.output, env).await,
         other => other,
     };
+    // Contradictory deploy flags are refused before dialling the coordinator.
+    if let Command::Deploy(args) = &command {
+        deploy::deployment_options(args)?;
+    }
     let profile = profile::resolve(&flags, env)?;
     let mut client = operator_client(&profile).await?;
     let format = cli.output;
@@ -324,6 +346,13 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
             eprintln!("revoked join token {id}");
             Ok(())
         }
+        Command::Deploy(args) => deploy::deploy(&mut client, args, format).await,
+        Command::Deployment(command) => deploy::deployment(&mut client, command, format).await,
+        Command::Rollback(args) => deploy::rollback(&mut client, args, format).await,
+        Command::Pin(args) => deploy::pin(&mut client, args, format).await,
+        Command::Unpin(args) => deploy::unpin(&mut client, args, format).await,
+        Command::Status(args) => deploy::status(&mut client, args, format).await,
+        Command::Event(command) => deploy::event(&mut client, command, format).await,
         Command::Server(_) | Command::Demo(_) | Command::Release(_) => {
             unreachable!("server and demo are dispatched by main, releases above")
         }

@@ -13,6 +13,7 @@ pub enum OutputFormat {
     Json,
 }
 
+/// RFC 3339 to the second, "" for an unset time (0 or earlier).
 fn rfc3339(unix_ms: i64) -> String {
     if unix_ms <= 0 {
         return String::new();
@@ -23,8 +24,13 @@ fn rfc3339(unix_ms: i64) -> String {
 
 /// "12s ago", for tables.
 fn ago(unix_ms: i64) -> String {
+    ago_at(unix_ms, SystemTime::now())
+}
+
+/// "12s ago", as seen at `now`.
+pub(crate) fn ago_at(unix_ms: i64, now: SystemTime) -> String {
     let then = UNIX_EPOCH + Duration::from_millis(unix_ms.max(0).unsigned_abs());
-    match SystemTime::now().duration_since(then) {
+    match now.duration_since(then) {
         Ok(elapsed) => format!(
             "{} ago",
             humantime::format_duration(Duration::from_secs(elapsed.as_secs()))
@@ -246,6 +252,323 @@ impl Tabular for TokenView {
             self.status.clone(),
             format!("{}/{}", self.uses_left, self.uses_total),
             self.expires_at.clone(),
+        ]
+    }
+}
+
+/// `None` for the empty string, which proto3 uses for "unset".
+fn non_empty(text: String) -> Option<String> {
+    if text.is_empty() { None } else { Some(text) }
+}
+
+/// How a wave is named in lines and tables: "canary", "zone us-east-1a", "all", "late".
+fn wave_label(kind: &str, zone: Option<&str>) -> String {
+    match zone {
+        Some(zone) => format!("{kind} {zone}"),
+        None => kind.to_owned(),
+    }
+}
+
+/// A deployment: what it moves where, and where every target stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeploymentView {
+    pub id: String,
+    pub stack: String,
+    pub bundle: String,
+    pub version: String,
+    /// The approved version when it started, which a rollback returns to; `null` for a bundle's first release.
+    pub previous_version: Option<String>,
+    /// "running", "succeeded", "failed" or "aborted".
+    pub status: String,
+    /// The phase in words: "preparing", "wave 2/4", "rolling back", ...
+    pub phase: String,
+    pub paused: bool,
+    pub summary: String,
+    /// Why it ended as it did; `null` when there is nothing to say.
+    pub reason: Option<String>,
+    pub waves: Vec<DeploymentWaveView>,
+    /// Every instance failure, in the order they happened (counted against the failure threshold).
+    pub failures: Vec<String>,
+    pub created_by: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// One wave of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeploymentWaveView {
+    /// "canary", "zone", "all" or "late" (instances that joined while it ran).
+    pub kind: String,
+    /// The zone of a "zone" wave; `null` for waves that are not one zone's.
+    pub zone: Option<String>,
+    pub instances: Vec<DeploymentInstanceView>,
+}
+
+/// One target of a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeploymentInstanceView {
+    pub instance_id: String,
+    /// "pending", "preparing", "prepared", "activating", "activated", "healthy", "settled", "failed",
+    /// "switching back", "switched back" or "switch back failed".
+    pub state: String,
+    /// More about the state, such as a failure's reason and hook output; `null` when there is none.
+    pub detail: Option<String>,
+}
+
+impl DeploymentView {
+    /// "site@1.4.2".
+    pub fn release(&self) -> String {
+        format!("{}@{}", self.bundle, self.version)
+    }
+
+    /// Every instance the deployment targets, in wave order.
+    pub fn instances(&self) -> impl Iterator<Item = &DeploymentInstanceView> {
+        self.waves.iter().flat_map(|wave| wave.instances.iter())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.status == "running"
+    }
+}
+
+impl DeploymentWaveView {
+    pub fn label(&self) -> String {
+        wave_label(&self.kind, self.zone.as_deref())
+    }
+}
+
+impl From<pb::Deployment> for DeploymentView {
+    fn from(deployment: pb::Deployment) -> Self {
+        Self {
+            id: deployment.id,
+            stack: deployment.stack,
+            bundle: deployment.bundle,
+            version: deployment.version,
+            previous_version: non_empty(deployment.previous_version),
+            status: deployment.status,
+            phase: deployment.phase,
+            paused: deployment.paused,
+            summary: deployment.summary,
+            reason: non_empty(deployment.reason),
+            waves: deployment
+                .waves
+                .into_iter()
+                .map(|wave| DeploymentWaveView {
+                    kind: wave.kind,
+                    zone: non_empty(wave.zone),
+                    instances: wave
+                        .instances
+                        .into_iter()
+                        .map(|instance| DeploymentInstanceView {
+                            instance_id: instance.instance_id,
+                            state: instance.state,
+                            detail: non_empty(instance.detail),
+                        })
+                        .collect(),
+                })
+                .collect(),
+            failures: deployment.failures,
+            created_by: deployment.created_by,
+            created_at: rfc3339(deployment.created_at_unix_ms),
+            updated_at: rfc3339(deployment.updated_at_unix_ms),
+        }
+    }
+}
+
+impl Tabular for DeploymentView {
+    const HEADERS: &'static [&'static str] = &["ID", "STACK", "RELEASE", "STATUS", "PHASE", "CREATED"];
+    fn row(&self) -> Vec<String> {
+        let phase = if self.paused {
+            format!("{} (paused)", self.phase)
+        } else {
+            self.phase.clone()
+        };
+        vec![
+            self.id.clone(),
+            self.stack.clone(),
+            self.release(),
+            self.status.clone(),
+            phase,
+            self.created_at.clone(),
+        ]
+    }
+}
+
+/// The waves a deployment would run, without starting it (`deploy --plan`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlanView {
+    /// In the order they would run; each target is in exactly one.
+    pub waves: Vec<PlannedWaveView>,
+    /// Instances left out, with why.
+    pub skipped: Vec<SkippedInstanceView>,
+    /// Healthy instances every wave leaves in service (0: no floor, as with all at once).
+    pub min_healthy: u32,
+    /// Healthy instances of the stack now, pinned ones included.
+    pub healthy_total: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PlannedWaveView {
+    /// "canary", "zone" or "all".
+    pub kind: String,
+    /// The zone of a "zone" wave; `null` otherwise.
+    pub zone: Option<String>,
+    pub instances: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SkippedInstanceView {
+    pub instance_id: String,
+    /// Such as "pinned" or "lost".
+    pub reason: String,
+}
+
+impl From<pb::Plan> for PlanView {
+    fn from(plan: pb::Plan) -> Self {
+        Self {
+            waves: plan
+                .waves
+                .into_iter()
+                .map(|wave| PlannedWaveView {
+                    kind: wave.kind,
+                    zone: non_empty(wave.zone),
+                    instances: wave.instances,
+                })
+                .collect(),
+            skipped: plan
+                .skipped
+                .into_iter()
+                .map(|skipped| SkippedInstanceView {
+                    instance_id: skipped.instance_id,
+                    reason: skipped.reason,
+                })
+                .collect(),
+            min_healthy: plan.min_healthy,
+            healthy_total: plan.healthy_total,
+        }
+    }
+}
+
+/// What a stack runs, bundle by bundle (`rollwave status`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StackStatusView {
+    pub stack: String,
+    pub bundles: Vec<BundleStatusView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BundleStatusView {
+    pub bundle: String,
+    /// The version instances should run; `null` before a first deployment succeeded.
+    pub approved_version: Option<String>,
+    /// Instances per version they actually run; the key "" counts instances that run none.
+    pub running: BTreeMap<String, u32>,
+    /// The running deployment of this bundle, if any.
+    pub deployment_id: Option<String>,
+    /// Every instance of the stack, as it stands for this bundle.
+    pub instances: Vec<InstanceStatusView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct InstanceStatusView {
+    pub instance_id: String,
+    pub hostname: String,
+    pub zone: String,
+    /// "online", "offline" or "lost".
+    pub presence: String,
+    /// `null` when it runs no version of the bundle.
+    pub running_version: Option<String>,
+    /// "ok", "drift", "pinned", "deploying" or "missing".
+    pub state: String,
+    /// Why the state is not "ok"; `null` when there is nothing to say.
+    pub reason: Option<String>,
+    pub healthy: bool,
+    /// What the last health check said; `null` when it said nothing.
+    pub health_detail: Option<String>,
+    /// Since when the instance has been healthy (or, if it is not, unhealthy); `null` when unknown.
+    pub health_since: Option<String>,
+    #[serde(skip)]
+    pub health_since_ms: i64,
+}
+
+impl InstanceStatusView {
+    /// Whether the instance is not simply running the approved release and healthy.
+    pub fn differs(&self) -> bool {
+        self.state != "ok" || !self.healthy
+    }
+}
+
+impl From<pb::StackStatus> for StackStatusView {
+    fn from(status: pb::StackStatus) -> Self {
+        Self {
+            stack: status.stack,
+            bundles: status
+                .bundles
+                .into_iter()
+                .map(|bundle| BundleStatusView {
+                    bundle: bundle.bundle,
+                    approved_version: non_empty(bundle.approved_version),
+                    running: bundle.running.into_iter().collect(),
+                    deployment_id: non_empty(bundle.deployment_id),
+                    instances: bundle
+                        .instances
+                        .into_iter()
+                        .map(|instance| InstanceStatusView {
+                            instance_id: instance.instance_id,
+                            hostname: instance.hostname,
+                            zone: instance.zone,
+                            presence: instance.presence,
+                            running_version: non_empty(instance.running_version),
+                            state: instance.state,
+                            reason: non_empty(instance.reason),
+                            healthy: instance.healthy,
+                            health_detail: non_empty(instance.health_detail),
+                            health_since: non_empty(rfc3339(instance.healthy_since_unix_ms)),
+                            health_since_ms: instance.healthy_since_unix_ms,
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// One entry of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct EventView {
+    pub at: String,
+    /// The operator, or "coordinator" for what it did on its own.
+    pub actor: String,
+    /// Such as "deployment.create" or "stack.pin".
+    pub action: String,
+    pub target: String,
+    pub outcome: String,
+    pub detail: String,
+}
+
+impl From<pb::AuditEvent> for EventView {
+    fn from(event: pb::AuditEvent) -> Self {
+        Self {
+            at: rfc3339(event.at_unix_ms),
+            actor: event.actor,
+            action: event.action,
+            target: event.target,
+            outcome: event.outcome,
+            detail: event.detail,
+        }
+    }
+}
+
+impl Tabular for EventView {
+    const HEADERS: &'static [&'static str] = &["AT", "ACTOR", "ACTION", "TARGET", "OUTCOME", "DETAIL"];
+    fn row(&self) -> Vec<String> {
+        vec![
+            self.at.clone(),
+            self.actor.clone(),
+            self.action.clone(),
+            self.target.clone(),
+            self.outcome.clone(),
+            self.detail.replace('\n', " "),
         ]
     }
 }

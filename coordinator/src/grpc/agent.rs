@@ -263,9 +263,27 @@ async fn serve_session(
             AgentBody::Hello(_) => {
                 tracing::warn!(instance = %instance_id, "second hello in one session ignored");
             }
-            AgentBody::Progress(_) | AgentBody::Health(_) | AgentBody::HookOutput(_) => {
-                // Deployment events arrive with the rollout work; until then they are noted.
-                tracing::debug!(instance = %instance_id, "deployment event received");
+            AgentBody::Progress(event) => {
+                tracing::info!(
+                    instance = %instance_id, bundle = %event.bundle, version = %event.version,
+                    step = %event.step, state = %event.state, message = %event.message, "progress"
+                );
+                if event.step == "activate" && event.state == "done" {
+                    let recorded = shared
+                        .store
+                        .set_observed_release(&instance_id, &event.bundle, &event.version, "")
+                        .await;
+                    if let Err(error) = recorded {
+                        tracing::warn!(instance = %instance_id, %error, "cannot record the running release");
+                    }
+                }
+                shared.deployer.on_progress(&shared, &instance_id, &event).await;
+            }
+            AgentBody::Health(event) => {
+                shared.deployer.on_health(&shared, &instance_id, &event).await;
+            }
+            AgentBody::HookOutput(_) => {
+                tracing::debug!(instance = %instance_id, "hook output received");
             }
         }
     }
@@ -321,6 +339,19 @@ impl pb::agent_service_server::AgentService for AgentApi {
         let mut inbound = request.into_inner();
         let (outbound, receiver, session_id) = self.open_session(&instance_id, &mut inbound).await?;
         tracing::info!(instance = %instance_id, "session opened");
+        // The instance's wish (approved releases for a new one) goes out first,
+        // then deployments of its stack take it on if it is new to them.
+        let shared = self.shared.clone();
+        let stack = shared
+            .store
+            .get_instance(&instance_id)
+            .await
+            .map(|instance| instance.stack)
+            .map_err(|error| Status::from(ServiceError::from(error)))?;
+        if let Err(error) = crate::wishes::resend(&shared, &instance_id, &stack).await {
+            tracing::warn!(instance = %instance_id, %error, "cannot send the instance its desired state");
+        }
+        shared.deployer.on_hello(&shared, &instance_id, &stack).await;
         tokio::spawn(serve_session(
             self.shared.clone(),
             instance_id,

@@ -3,6 +3,7 @@
 //! place ([`ServiceError`]).
 
 pub mod agent;
+pub mod deployments;
 pub mod operator;
 
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use std::time::{Duration, SystemTime};
 use tonic::Status;
 
 use crate::ca::{CaError, CertificateAuthority};
+use crate::deployer::Deployer;
 use crate::identity::IssuedCertificates;
 use crate::model::{Event, InvalidInput, unix_ms};
 use crate::presence::PresencePolicy;
@@ -35,6 +37,7 @@ pub struct Shared {
     pub issued: Arc<IssuedCertificates>,
     pub sessions: Sessions,
     pub settings: ServiceSettings,
+    pub deployer: Deployer,
 }
 
 impl Shared {

@@ -9,7 +9,7 @@ use rollwave_proto::v1 as pb;
 use rollwave_trust::JoinToken;
 use tonic::{Request, Response, Status};
 
-use super::{ServiceError, Shared, random_hex, secret_hash};
+use super::{ServiceError, Shared, deployments, random_hex, secret_hash};
 use crate::model::{
     BundleKind, Instance, InvalidInput, JoinTokenRecord, Release, Stack, Stage, parse_sha256, unix_ms, validate_name,
 };
@@ -442,6 +442,90 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
             .await
             .map_err(ServiceError::from)?;
         Ok(Response::new(release_to_proto(release)))
+    }
+
+    async fn create_deployment(
+        &self,
+        request: Request<pb::CreateDeploymentRequest>,
+    ) -> Result<Response<pb::CreateDeploymentResponse>, Status> {
+        let actor = operator_of(&request);
+        let request = deployments::request_from_proto(request.into_inner())?;
+        let created = self.shared.deployer.create(&self.shared, &actor, request).await?;
+        Ok(Response::new(pb::CreateDeploymentResponse {
+            plan: Some(deployments::plan_to_proto(&created.plan)),
+            deployment: created.deployment,
+        }))
+    }
+
+    async fn get_deployment(
+        &self,
+        request: Request<pb::GetDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let id = request.into_inner().id;
+        Ok(Response::new(self.shared.deployer.get(&self.shared, &id).await?))
+    }
+
+    async fn list_deployments(
+        &self,
+        request: Request<pb::ListDeploymentsRequest>,
+    ) -> Result<Response<pb::ListDeploymentsResponse>, Status> {
+        let stack = request.into_inner().stack;
+        let stack = Some(stack.as_str()).filter(|stack| !stack.is_empty());
+        let deployments = self.shared.deployer.list(&self.shared, stack).await?;
+        Ok(Response::new(pb::ListDeploymentsResponse { deployments }))
+    }
+
+    async fn control_deployment(
+        &self,
+        request: Request<pb::ControlDeploymentRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let actor = operator_of(&request);
+        let request = request.into_inner();
+        let deployment = self
+            .shared
+            .deployer
+            .control(&self.shared, &actor, &request.id, &request.action)
+            .await?;
+        Ok(Response::new(deployment))
+    }
+
+    async fn rollback_stack(
+        &self,
+        request: Request<pb::RollbackStackRequest>,
+    ) -> Result<Response<pb::Deployment>, Status> {
+        let actor = operator_of(&request);
+        let deployment = deployments::rollback_stack(&self.shared, &actor, request.into_inner()).await?;
+        Ok(Response::new(deployment))
+    }
+
+    async fn pin(&self, request: Request<pb::PinRequest>) -> Result<Response<pb::PinResponse>, Status> {
+        let actor = operator_of(&request);
+        Ok(Response::new(
+            deployments::pin(&self.shared, &actor, request.into_inner()).await?,
+        ))
+    }
+
+    async fn unpin(&self, request: Request<pb::UnpinRequest>) -> Result<Response<pb::UnpinResponse>, Status> {
+        let actor = operator_of(&request);
+        Ok(Response::new(
+            deployments::unpin(&self.shared, &actor, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_stack_status(
+        &self,
+        request: Request<pb::GetStackStatusRequest>,
+    ) -> Result<Response<pb::StackStatus>, Status> {
+        let stack = request.into_inner().stack;
+        Ok(Response::new(deployments::stack_status(&self.shared, &stack).await?))
+    }
+
+    async fn list_events(
+        &self,
+        request: Request<pb::ListEventsRequest>,
+    ) -> Result<Response<pb::ListEventsResponse>, Status> {
+        let limit = request.into_inner().limit;
+        Ok(Response::new(deployments::list_events(&self.shared, limit).await?))
     }
 }
 

@@ -1,0 +1,720 @@
+//! Carries out deployments: plans the waves ([`crate::planner`]), drives the
+//! pure rollout machine ([`crate::rollout`]) with agent reports, ticks and
+//! operator actions, persists every new state before acting on it, turns its
+//! commands into instance wishes ([`crate::wishes`]), approves the release
+//! when a deployment succeeds, and resumes running deployments after a
+//! coordinator restart.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use rollwave_proto::v1 as pb;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use crate::grpc::Shared;
+use crate::model::unix_ms;
+use crate::planner::{self, Candidate, Health, Plan, Strategy, WaveKind};
+use crate::presence::Presence;
+use crate::rollout::{Action, Input, InstanceState, Phase, Report, Rollout, RolloutError, RolloutOptions};
+use crate::store::{DeploymentRow, StoreError};
+use crate::wishes::{self, Wish};
+
+/// Running deployments, by id; one lock so every step is taken in order.
+#[derive(Debug, Default)]
+pub struct Deployer {
+    running: Mutex<BTreeMap<String, Live>>,
+}
+
+/// What a deployment stores besides its row: the rollout and what it was planned from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    pub rollout: Rollout,
+    /// Per planned wave: "canary", "zone" or "all", and the zone.
+    pub wave_labels: Vec<(String, String)>,
+    /// The approved version when it started, if any.
+    pub previous: Option<String>,
+    /// How it ended, in words.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct Live {
+    row: DeploymentRow,
+    record: Record,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeployError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Plan(#[from] planner::PlanError),
+    #[error(transparent)]
+    Rollout(#[from] RolloutError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("deployment {id} of {bundle} to {stack} is running; wait for it, or `rollwave deployment abort {id}`")]
+    AlreadyRunning { id: String, stack: String, bundle: String },
+    #[error("deployment {0} does not exist")]
+    NotFound(String),
+    #[error("deployment {id} is {status}; only a running deployment can be {action}d")]
+    NotRunning { id: String, status: String, action: String },
+}
+
+/// What an operator asked for.
+#[derive(Debug, Clone)]
+pub struct DeploymentRequest {
+    pub stack: String,
+    pub bundle: String,
+    pub version: String,
+    pub strategy: Strategy,
+    pub options: RolloutOptions,
+    pub failure_threshold: planner::Amount,
+    pub plan_only: bool,
+}
+
+/// What creating a deployment produced.
+#[derive(Debug, Clone)]
+pub struct Created {
+    pub plan: Plan,
+    pub deployment: Option<pb::Deployment>,
+}
+
+fn now_ms() -> i64 {
+    unix_ms(SystemTime::now())
+}
+
+/// `running`, `succeeded`, `failed` or `aborted`.
+fn status_of(rollout: &Rollout) -> &'static str {
+    match rollout.phase {
+        Phase::Succeeded => "succeeded",
+        Phase::Failed { .. } => "failed",
+        Phase::Aborted { .. } => "aborted",
+        _ => "running",
+    }
+}
+
+/// How a finished deployment ended, in words.
+fn reason_of(rollout: &Rollout) -> Option<String> {
+    let unrecovered = |instances: &[String]| {
+        if instances.is_empty() {
+            String::new()
+        } else {
+            format!("; could not switch back: {}", instances.join(", "))
+        }
+    };
+    match &rollout.phase {
+        Phase::Succeeded => Some("every wave settled".into()),
+        Phase::Failed {
+            reason,
+            switch_back_failed,
+        } => Some(format!("{reason}{}", unrecovered(switch_back_failed))),
+        Phase::Aborted { switch_back_failed } => {
+            Some(format!("aborted by an operator{}", unrecovered(switch_back_failed)))
+        }
+        _ => None,
+    }
+}
+
+fn phase_name(rollout: &Rollout) -> String {
+    match &rollout.phase {
+        Phase::Created => "created".into(),
+        Phase::Preparing => "preparing".into(),
+        Phase::Wave { index, bake_until_ms } => {
+            let baking = if bake_until_ms.is_some() { ", baking" } else { "" };
+            format!("wave {}/{}{baking}", index + 1, rollout.waves.len())
+        }
+        Phase::RollingBack { .. } => "rolling back".into(),
+        Phase::Succeeded => "succeeded".into(),
+        Phase::Failed { .. } => "failed".into(),
+        Phase::Aborted { .. } => "aborted".into(),
+    }
+}
+
+fn is_target(rollout: &Rollout, instance: &str) -> bool {
+    rollout.targets.contains_key(instance)
+}
+
+/// State label and detail of one target, for views.
+fn instance_state(rollout: &Rollout, instance: &str) -> (String, String) {
+    match rollout.targets.get(instance) {
+        None => ("unknown".into(), String::new()),
+        Some(target) => {
+            let detail = match &target.state {
+                InstanceState::Failed { reason, .. } | InstanceState::SwitchBackFailed { reason } => reason.clone(),
+                _ => String::new(),
+            };
+            (target.state.label().to_owned(), detail)
+        }
+    }
+}
+
+/// The planner's view of the stack for `bundle`.
+async fn candidates(shared: &Shared, stack: &str, bundle: &str) -> Result<Vec<Candidate>, StoreError> {
+    let now = now_ms();
+    let instances = shared.store.list_instances(Some(stack)).await?;
+    let pinned: BTreeSet<String> = shared
+        .store
+        .pins(stack)
+        .await?
+        .into_iter()
+        .filter(|pin| pin.bundle == bundle)
+        .map(|pin| pin.instance_id)
+        .collect();
+    let unhealthy: BTreeSet<String> = shared
+        .store
+        .health(stack)
+        .await?
+        .into_iter()
+        .filter(|health| !health.healthy)
+        .map(|health| health.instance_id)
+        .collect();
+    Ok(instances
+        .into_iter()
+        .map(|instance| {
+            let presence = shared.settings.presence.presence(
+                shared.sessions.is_connected(&instance.id),
+                instance.last_seen_ms,
+                now,
+            );
+            let health = match presence {
+                Presence::Lost => Health::Lost,
+                Presence::Online if !unhealthy.contains(&instance.id) => Health::Healthy,
+                _ => Health::Unhealthy,
+            };
+            Candidate {
+                pinned: pinned.contains(&instance.id),
+                id: instance.id,
+                zone: instance.facts.zone,
+                layer: instance.facts.layer,
+                health,
+            }
+        })
+        .collect())
+}
+
+fn wave_label(kind: &WaveKind) -> (String, String) {
+    match kind {
+        WaveKind::Canary => ("canary".into(), String::new()),
+        WaveKind::Zone(zone) => ("zone".into(), zone.clone()),
+        WaveKind::All => ("all".into(), String::new()),
+    }
+}
+
+impl Deployer {
+    /// Plans, and unless `plan_only` starts, a deployment.
+    pub async fn create(
+        &self,
+        shared: &Shared,
+        actor: &str,
+        request: DeploymentRequest,
+    ) -> Result<Created, DeployError> {
+        shared.store.get_stack(&request.stack).await?;
+        shared.store.get_release(&request.bundle, &request.version).await?;
+        let candidates = candidates(shared, &request.stack, &request.bundle).await?;
+        let plan = if candidates
+            .iter()
+            .all(|candidate| candidate.pinned || candidate.health == Health::Lost)
+        {
+            // Nothing to update: the release is approved at once, for instances to come.
+            Plan {
+                waves: Vec::new(),
+                skipped: Vec::new(),
+                stack_size: 0,
+                healthy_total: 0,
+                min_healthy: 0,
+            }
+        } else {
+            planner::plan(&candidates, &request.strategy)?
+        };
+        if request.plan_only {
+            return Ok(Created { plan, deployment: None });
+        }
+        let mut running = self.running.lock().await;
+        if let Some(live) = running
+            .values()
+            .find(|live| live.row.stack == request.stack && live.row.bundle == request.bundle)
+        {
+            return Err(DeployError::AlreadyRunning {
+                id: live.row.id.clone(),
+                stack: request.stack,
+                bundle: request.bundle,
+            });
+        }
+        let targets: u32 = plan
+            .waves
+            .iter()
+            .map(|wave| wave.instances.len())
+            .sum::<usize>()
+            .try_into()
+            .unwrap_or(u32::MAX);
+        let mut options = request.options.clone();
+        options.failure_threshold = request.failure_threshold.of(targets);
+        let previous = shared
+            .store
+            .approved(&request.stack)
+            .await?
+            .into_iter()
+            .find(|approval| approval.bundle == request.bundle)
+            .map(|approval| approval.version);
+        let epoch = shared.store.next_epoch().await?;
+        let now = now_ms();
+        let waves: Vec<Vec<String>> = plan.waves.iter().map(|wave| wave.instances.clone()).collect();
+        let rollout = Rollout::new(waves, options, epoch, now)?;
+        let id = new_id();
+        let record = Record {
+            rollout,
+            wave_labels: plan.waves.iter().map(|wave| wave_label(&wave.kind)).collect(),
+            previous,
+            reason: None,
+        };
+        let row = DeploymentRow {
+            id: id.clone(),
+            stack: request.stack.clone(),
+            bundle: request.bundle.clone(),
+            version: request.version.clone(),
+            epoch,
+            status: "running".into(),
+            state: encode(&record)?,
+            created_by: actor.to_owned(),
+            created_at_ms: now,
+            updated_at_ms: now,
+        };
+        shared.store.create_deployment(&row).await?;
+        shared
+            .audit(
+                actor,
+                "deployment.create",
+                &format!("{}/{}@{}", row.stack, row.bundle, row.version),
+                "ok",
+                format!("id {id}, {} waves", record.wave_labels.len()),
+            )
+            .await;
+        let mut live = Live { row, record };
+        advance(shared, &mut live, Input::Start, now).await?;
+        let view = view(&live);
+        if live.record.rollout.is_finished() {
+            drop(running);
+        } else {
+            running.insert(id, live);
+        }
+        Ok(Created {
+            plan,
+            deployment: Some(view),
+        })
+    }
+
+    /// Resumes the deployments a stopped coordinator left running.
+    pub async fn resume_all(&self, shared: &Shared) -> Result<(), DeployError> {
+        let mut running = self.running.lock().await;
+        for row in shared.store.list_deployments(None, true).await? {
+            let record: Record = decode(&row.state)?;
+            let mut live = Live { row, record };
+            tracing::info!(deployment = %live.row.id, "resuming a deployment after restart");
+            advance(shared, &mut live, Input::Restarted, now_ms()).await?;
+            if !live.record.rollout.is_finished() {
+                running.insert(live.row.id.clone(), live);
+            }
+        }
+        Ok(())
+    }
+
+    /// Feeds `input` to deployment `id` (operator actions).
+    pub async fn control(
+        &self,
+        shared: &Shared,
+        actor: &str,
+        id: &str,
+        action: &str,
+    ) -> Result<pb::Deployment, DeployError> {
+        let input = match action {
+            "pause" => Input::Pause,
+            "resume" => Input::Resume,
+            "abort" => Input::Abort,
+            other => {
+                return Err(DeployError::Invalid(format!(
+                    "unknown action {other:?}: pause, resume or abort"
+                )));
+            }
+        };
+        let mut running = self.running.lock().await;
+        let Some(live) = running.get_mut(id) else {
+            let row = shared
+                .store
+                .get_deployment(id)
+                .await?
+                .ok_or_else(|| DeployError::NotFound(id.to_owned()))?;
+            return Err(DeployError::NotRunning {
+                id: id.to_owned(),
+                status: row.status,
+                action: action.to_owned(),
+            });
+        };
+        advance(shared, live, input, now_ms()).await?;
+        shared
+            .audit(actor, &format!("deployment.{action}"), id, "ok", String::new())
+            .await;
+        let view = view(live);
+        if live.record.rollout.is_finished() {
+            running.remove(id);
+        }
+        Ok(view)
+    }
+
+    /// Passes time: deadlines, bake, lost instances.
+    pub async fn tick(&self, shared: &Shared) {
+        let now = now_ms();
+        let mut running = self.running.lock().await;
+        let mut finished = Vec::new();
+        for (id, live) in running.iter_mut() {
+            let lost = match lost_targets(shared, live, now).await {
+                Ok(lost) => lost,
+                Err(error) => {
+                    tracing::warn!(deployment = %id, %error, "cannot check presence");
+                    Vec::new()
+                }
+            };
+            let mut inputs: Vec<Input> = lost.into_iter().map(Input::InstanceLost).collect();
+            inputs.push(Input::Tick);
+            for input in inputs {
+                if let Err(error) = advance(shared, live, input, now).await {
+                    tracing::error!(deployment = %id, %error, "cannot advance the deployment");
+                }
+            }
+            if live.record.rollout.is_finished() {
+                finished.push(id.clone());
+            }
+        }
+        for id in finished {
+            running.remove(&id);
+        }
+    }
+
+    /// An agent's progress event.
+    pub async fn on_progress(&self, shared: &Shared, instance_id: &str, event: &pb::ProgressEvent) {
+        let report = |live: &Live| -> Option<Report> {
+            let done = event.state == "done";
+            if event.step == "prepare" && event.version == live.row.version {
+                return Some(if done {
+                    Report::Prepared
+                } else {
+                    Report::PrepareFailed(event.message.clone())
+                });
+            }
+            if event.step != "activate" {
+                return None;
+            }
+            if event.version == live.row.version {
+                Some(if done {
+                    Report::Activated
+                } else {
+                    Report::ActivateFailed(event.message.clone())
+                })
+            } else if Some(&event.version) == live.record.previous.as_ref() {
+                Some(if done {
+                    Report::SwitchedBack
+                } else {
+                    Report::SwitchBackFailed(event.message.clone())
+                })
+            } else {
+                None
+            }
+        };
+        self.feed(shared, instance_id, &event.bundle, |live| report(live)).await;
+    }
+
+    /// An agent's health report (recorded for status; fed to a deployment of that release).
+    pub async fn on_health(&self, shared: &Shared, instance_id: &str, event: &pb::HealthEvent) {
+        let now = now_ms();
+        let row = crate::store::HealthRow {
+            instance_id: instance_id.to_owned(),
+            bundle: event.bundle.clone(),
+            version: event.version.clone(),
+            healthy: event.healthy,
+            detail: event.detail.clone(),
+            since_ms: now,
+            observed_at_ms: now,
+        };
+        if let Err(error) = shared.store.record_health(&row).await {
+            tracing::warn!(instance = %instance_id, %error, "cannot record health");
+        }
+        self.feed(shared, instance_id, &event.bundle, |live| {
+            (event.version == live.row.version).then(|| {
+                if event.healthy {
+                    Report::Healthy
+                } else {
+                    Report::Unhealthy(event.detail.clone())
+                }
+            })
+        })
+        .await;
+    }
+
+    /// An instance said hello: deployments of its stack take it on if it is new to them.
+    pub async fn on_hello(&self, shared: &Shared, instance_id: &str, stack: &str) {
+        let now = now_ms();
+        let mut running = self.running.lock().await;
+        for live in running.values_mut().filter(|live| live.row.stack == stack) {
+            if is_target(&live.record.rollout, instance_id) {
+                continue;
+            }
+            let pinned = match shared.store.pins(stack).await {
+                Ok(pins) => pins
+                    .iter()
+                    .any(|pin| pin.instance_id == instance_id && pin.bundle == live.row.bundle),
+                Err(_) => false,
+            };
+            if pinned {
+                continue;
+            }
+            if let Err(error) = advance(shared, live, Input::InstanceJoined(instance_id.to_owned()), now).await {
+                tracing::error!(deployment = %live.row.id, %error, "cannot add a joining instance");
+            }
+        }
+    }
+
+    async fn feed(&self, shared: &Shared, instance_id: &str, bundle: &str, report: impl Fn(&Live) -> Option<Report>) {
+        let now = now_ms();
+        let mut running = self.running.lock().await;
+        let mut finished = None;
+        for (id, live) in running.iter_mut().filter(|(_, live)| live.row.bundle == bundle) {
+            if !is_target(&live.record.rollout, instance_id) {
+                continue;
+            }
+            let Some(report) = report(live) else { continue };
+            let input = Input::Report {
+                instance: instance_id.to_owned(),
+                report,
+            };
+            if let Err(error) = advance(shared, live, input, now).await {
+                tracing::error!(deployment = %id, %error, "cannot advance the deployment");
+            }
+            if live.record.rollout.is_finished() {
+                finished = Some(id.clone());
+            }
+        }
+        if let Some(id) = finished {
+            running.remove(&id);
+        }
+    }
+
+    /// A deployment as the operator sees it (running ones from memory).
+    pub async fn get(&self, shared: &Shared, id: &str) -> Result<pb::Deployment, DeployError> {
+        if let Some(live) = self.running.lock().await.get(id) {
+            return Ok(view(live));
+        }
+        let row = shared
+            .store
+            .get_deployment(id)
+            .await?
+            .ok_or_else(|| DeployError::NotFound(id.to_owned()))?;
+        let record = decode(&row.state)?;
+        Ok(view(&Live { row, record }))
+    }
+
+    pub async fn list(&self, shared: &Shared, stack: Option<&str>) -> Result<Vec<pb::Deployment>, DeployError> {
+        let rows = shared.store.list_deployments(stack, false).await?;
+        let running = self.running.lock().await;
+        rows.into_iter()
+            .map(|row| match running.get(&row.id) {
+                Some(live) => Ok(view(live)),
+                None => {
+                    let record = decode(&row.state)?;
+                    Ok(view(&Live { row, record }))
+                }
+            })
+            .collect()
+    }
+
+    /// The running deployment of `stack` and `bundle`, if any.
+    pub async fn running_id(&self, stack: &str, bundle: &str) -> Option<String> {
+        self.running
+            .lock()
+            .await
+            .values()
+            .find(|live| live.row.stack == stack && live.row.bundle == bundle)
+            .map(|live| live.row.id.clone())
+    }
+}
+
+async fn lost_targets(shared: &Shared, live: &Live, now: i64) -> Result<Vec<String>, StoreError> {
+    let mut lost = Vec::new();
+    for instance in shared.store.list_instances(Some(&live.row.stack)).await? {
+        if !is_target(&live.record.rollout, &instance.id) {
+            continue;
+        }
+        let presence =
+            shared
+                .settings
+                .presence
+                .presence(shared.sessions.is_connected(&instance.id), instance.last_seen_ms, now);
+        if presence == Presence::Lost {
+            lost.push(instance.id);
+        }
+    }
+    Ok(lost)
+}
+
+fn encode(record: &Record) -> Result<String, StoreError> {
+    serde_json::to_string(record).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+fn decode(state: &str) -> Result<Record, StoreError> {
+    serde_json::from_str(state).map_err(|error| StoreError::Corrupt(format!("deployment state: {error}")))
+}
+
+fn new_id() -> String {
+    let mut bytes = [0u8; 6];
+    let _ = getrandom::fill(&mut bytes);
+    format!("d-{}", hex::encode(bytes))
+}
+
+/// Takes one step: persists the new state (approving first when it succeeded),
+/// then sends the commands as wishes.
+async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Result<(), StoreError> {
+    let (next, commands) = live.record.rollout.step(input, now);
+    if next == live.record.rollout && commands.is_empty() {
+        return Ok(());
+    }
+    let was_finished = live.record.rollout.is_finished();
+    live.record.rollout = next;
+    let status = status_of(&live.record.rollout);
+    let finished_now = live.record.rollout.is_finished() && !was_finished;
+    if finished_now {
+        live.record.reason = reason_of(&live.record.rollout);
+        if status == "succeeded" {
+            // Approve before recording success: a crash in between redoes the (idempotent) approval.
+            shared
+                .store
+                .approve(&live.row.stack, &live.row.bundle, &live.row.version, &live.row.id, now)
+                .await?;
+        }
+    }
+    let state = encode(&live.record)?;
+    shared
+        .store
+        .update_deployment(&live.row.id, status, &state, now)
+        .await?;
+    live.row.status = status.to_owned();
+    live.row.state = state;
+    live.row.updated_at_ms = now;
+
+    for command in commands {
+        let instance = &command.instance;
+        let Ok(instance_record) = shared.store.get_instance(instance).await else {
+            // Removed meanwhile: its loss is the rollout's business.
+            continue;
+        };
+        let mut wish = wishes::wish_of(shared, instance, &instance_record.stack).await?;
+        apply_change(&mut wish, live, command.action);
+        wishes::send(shared, instance, &wish).await?;
+    }
+    if finished_now {
+        // Targets that never switched drop the release they prepared.
+        let targets: Vec<String> = live.record.rollout.targets.keys().cloned().collect();
+        for instance in targets {
+            let Ok(record) = shared.store.get_instance(&instance).await else {
+                continue;
+            };
+            let mut wish = wishes::wish_of(shared, &instance, &record.stack).await?;
+            let key = (live.row.bundle.clone(), live.row.version.clone());
+            if wish.prepare.remove(&key) {
+                wishes::send(shared, &instance, &wish).await?;
+            }
+        }
+        shared
+            .audit(
+                "coordinator",
+                &format!("deployment.{status}"),
+                &live.row.id,
+                status,
+                live.record.reason.clone().unwrap_or_default(),
+            )
+            .await;
+        tracing::info!(deployment = %live.row.id, status, reason = ?live.record.reason, "deployment finished");
+    }
+    Ok(())
+}
+
+fn apply_change(wish: &mut Wish, live: &Live, change: Action) {
+    let bundle = live.row.bundle.clone();
+    let key = (bundle.clone(), live.row.version.clone());
+    wish.deployment_id = live.row.id.clone();
+    match change {
+        Action::Prepare => {
+            if wish.active.get(&bundle) != Some(&live.row.version) {
+                wish.prepare.insert(key);
+            }
+        }
+        Action::Activate => {
+            wish.prepare.remove(&key);
+            wish.active.insert(bundle, live.row.version.clone());
+        }
+        Action::SwitchBack => {
+            wish.prepare.remove(&key);
+            match &live.record.previous {
+                Some(previous) => {
+                    wish.active.insert(bundle, previous.clone());
+                }
+                None => {
+                    wish.active.remove(&bundle);
+                }
+            }
+        }
+    }
+}
+
+/// The protobuf view of a deployment.
+fn view(live: &Live) -> pb::Deployment {
+    let rollout = &live.record.rollout;
+    let waves = rollout
+        .waves
+        .iter()
+        .enumerate()
+        .map(|(index, instances)| {
+            let (kind, zone) = live
+                .record
+                .wave_labels
+                .get(index)
+                .cloned()
+                .unwrap_or_else(|| ("late".into(), String::new()));
+            pb::DeploymentWave {
+                kind,
+                zone,
+                instances: instances
+                    .iter()
+                    .map(|instance| {
+                        let (state, detail) = instance_state(rollout, instance);
+                        pb::DeploymentInstance {
+                            instance_id: instance.clone(),
+                            state,
+                            detail,
+                        }
+                    })
+                    .collect(),
+            }
+        })
+        .collect();
+    pb::Deployment {
+        id: live.row.id.clone(),
+        stack: live.row.stack.clone(),
+        bundle: live.row.bundle.clone(),
+        version: live.row.version.clone(),
+        previous_version: live.record.previous.clone().unwrap_or_default(),
+        status: live.row.status.clone(),
+        phase: phase_name(rollout),
+        paused: rollout.is_paused(),
+        summary: rollout.summary(),
+        waves,
+        failures: rollout
+            .failures
+            .iter()
+            .map(|failure| format!("{}: {}", failure.instance, failure.reason))
+            .collect(),
+        created_by: live.row.created_by.clone(),
+        created_at_unix_ms: live.row.created_at_ms,
+        updated_at_unix_ms: live.row.updated_at_ms,
+        reason: live.record.reason.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,401 @@
+//! The deployment half of the operator API: requests in, [`crate::deployer`]
+//! and the store underneath, views out. Also pins (deliberate exceptions),
+//! the stack status view (approved release, what runs, drift) and the audit
+//! trail.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::SystemTime;
+
+use rollwave_proto::v1 as pb;
+use tonic::Status;
+
+use super::{ServiceError, Shared};
+use crate::deployer::{DeployError, DeploymentRequest};
+use crate::model::unix_ms;
+use crate::planner::{Amount, Plan, RollingOptions, SkipReason, Strategy, WaveKind};
+use crate::presence::Presence;
+use crate::rollout::RolloutOptions;
+use crate::store::Pin;
+use crate::wishes;
+
+impl From<DeployError> for Status {
+    fn from(error: DeployError) -> Self {
+        let message = error.to_string();
+        match error {
+            DeployError::Store(error) => ServiceError::from(error).into(),
+            DeployError::Plan(_) | DeployError::AlreadyRunning { .. } | DeployError::NotRunning { .. } => {
+                Status::failed_precondition(message)
+            }
+            DeployError::Rollout(_) | DeployError::Invalid(_) => Status::invalid_argument(message),
+            DeployError::NotFound(_) => Status::not_found(message),
+        }
+    }
+}
+
+fn amount(what: &str, text: &str, default: Amount) -> Result<Amount, Status> {
+    if text.trim().is_empty() {
+        return Ok(default);
+    }
+    text.trim()
+        .parse()
+        .map_err(|error| Status::invalid_argument(format!("{what}: {error}")))
+}
+
+fn millis(value: Option<u64>, default: i64) -> i64 {
+    value.map_or(default, |value| i64::try_from(value).unwrap_or(i64::MAX))
+}
+
+/// The deployment the operator asked for, with the documented defaults filled in.
+pub fn request_from_proto(request: pb::CreateDeploymentRequest) -> Result<DeploymentRequest, Status> {
+    let options = request.options.unwrap_or_default();
+    let defaults = RollingOptions::default();
+    let strategy = match options.strategy.as_str() {
+        "" | "rolling" => Strategy::Rolling(RollingOptions {
+            canary: options.canary.unwrap_or(defaults.canary),
+            batch: amount("batch", &options.batch, defaults.batch)?,
+            min_healthy: amount("min healthy", &options.min_healthy, defaults.min_healthy)?,
+        }),
+        "all-at-once" => Strategy::AllAtOnce,
+        other => {
+            return Err(Status::invalid_argument(format!(
+                "unknown strategy {other:?}: rolling or all-at-once"
+            )));
+        }
+    };
+    let rollout_defaults = RolloutOptions::default();
+    let rollout = RolloutOptions {
+        failure_threshold: 0,
+        min_healthy_time_ms: millis(options.min_healthy_time_ms, rollout_defaults.min_healthy_time_ms),
+        healthy_deadline_ms: millis(options.healthy_deadline_ms, rollout_defaults.healthy_deadline_ms),
+        progress_deadline_ms: millis(options.progress_deadline_ms, rollout_defaults.progress_deadline_ms),
+        bake_ms: millis(options.bake_ms, rollout_defaults.bake_ms),
+        rollback_on_failure: options.rollback_on_failure.unwrap_or(true),
+    };
+    Ok(DeploymentRequest {
+        stack: request.stack,
+        bundle: request.bundle,
+        version: request.version,
+        strategy,
+        options: rollout,
+        failure_threshold: amount("failure threshold", &options.failure_threshold, Amount::Count(0))?,
+        plan_only: request.plan_only,
+    })
+}
+
+pub fn plan_to_proto(plan: &Plan) -> pb::Plan {
+    pb::Plan {
+        waves: plan
+            .waves
+            .iter()
+            .map(|wave| {
+                let (kind, zone) = match &wave.kind {
+                    WaveKind::Canary => ("canary", String::new()),
+                    WaveKind::Zone(zone) => ("zone", zone.clone()),
+                    WaveKind::All => ("all", String::new()),
+                };
+                pb::PlannedWave {
+                    kind: kind.into(),
+                    zone,
+                    instances: wave.instances.clone(),
+                }
+            })
+            .collect(),
+        skipped: plan
+            .skipped
+            .iter()
+            .map(|skipped| pb::SkippedInstance {
+                instance_id: skipped.id.clone(),
+                reason: match skipped.reason {
+                    SkipReason::Pinned => "pinned".into(),
+                    SkipReason::Lost => "lost".into(),
+                },
+            })
+            .collect(),
+        min_healthy: plan.min_healthy,
+        healthy_total: plan.healthy_total,
+    }
+}
+
+/// `rollwave rollback STACK BUNDLE`: an all-at-once deployment of the previous approved release.
+pub async fn rollback_stack(
+    shared: &Shared,
+    actor: &str,
+    request: pb::RollbackStackRequest,
+) -> Result<pb::Deployment, Status> {
+    let history = shared
+        .store
+        .approval_history(&request.stack, &request.bundle)
+        .await
+        .map_err(ServiceError::from)?;
+    let current = history.first().cloned();
+    let Some(previous) = history
+        .iter()
+        .find(|version| Some(*version) != current.as_ref())
+        .cloned()
+    else {
+        return Err(Status::failed_precondition(format!(
+            "{} has no earlier approved release of {} to roll back to",
+            request.stack, request.bundle
+        )));
+    };
+    let options = RolloutOptions {
+        // The previous release is still on disk: a fast switch, gated on health all the same.
+        min_healthy_time_ms: 1_000,
+        ..RolloutOptions::default()
+    };
+    let created = shared
+        .deployer
+        .create(
+            shared,
+            actor,
+            DeploymentRequest {
+                stack: request.stack,
+                bundle: request.bundle,
+                version: previous,
+                strategy: Strategy::AllAtOnce,
+                options,
+                failure_threshold: Amount::Count(0),
+                plan_only: false,
+            },
+        )
+        .await?;
+    created
+        .deployment
+        .ok_or_else(|| Status::internal("the rollback deployment was not created"))
+}
+
+/// Marks instances as deliberately running `version` and sends them their new wish.
+pub async fn pin(shared: &Shared, actor: &str, request: pb::PinRequest) -> Result<pb::PinResponse, Status> {
+    let store = &shared.store;
+    store
+        .get_release(&request.bundle, &request.version)
+        .await
+        .map_err(ServiceError::from)?;
+    let instances = store
+        .list_instances(Some(&request.stack))
+        .await
+        .map_err(ServiceError::from)?;
+    let known: BTreeSet<&str> = instances.iter().map(|instance| instance.id.as_str()).collect();
+    let chosen: Vec<String> = if !request.instances.is_empty() {
+        if let Some(unknown) = request.instances.iter().find(|id| !known.contains(id.as_str())) {
+            return Err(Status::not_found(format!(
+                "instance {unknown} is not in stack {}",
+                request.stack
+            )));
+        }
+        request.instances.clone()
+    } else {
+        let count = match (request.count, request.percent) {
+            (Some(count), None) => count,
+            (None, Some(percent)) if (1..=100).contains(&percent) => {
+                u32::try_from((instances.len() * percent as usize).div_ceil(100)).unwrap_or(u32::MAX)
+            }
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give --instances, or --count N, or --percent P (1-100)",
+                ));
+            }
+        };
+        let mut ids: Vec<String> = instances.iter().map(|instance| instance.id.clone()).collect();
+        ids.sort();
+        ids.into_iter().take(count as usize).collect()
+    };
+    let now = unix_ms(SystemTime::now());
+    for instance in &chosen {
+        store
+            .set_pin(&Pin {
+                instance_id: instance.clone(),
+                bundle: request.bundle.clone(),
+                version: request.version.clone(),
+                pinned_by: actor.to_owned(),
+                pinned_at_ms: now,
+            })
+            .await
+            .map_err(ServiceError::from)?;
+        let mut wish = wishes::wish_of(shared, instance, &request.stack)
+            .await
+            .map_err(ServiceError::from)?;
+        wish.active.insert(request.bundle.clone(), request.version.clone());
+        wishes::send(shared, instance, &wish)
+            .await
+            .map_err(ServiceError::from)?;
+    }
+    shared
+        .audit(
+            actor,
+            "pin",
+            &format!("{}/{}@{}", request.stack, request.bundle, request.version),
+            "ok",
+            chosen.join(","),
+        )
+        .await;
+    Ok(pb::PinResponse { pinned: chosen })
+}
+
+/// Returns pinned instances to the approved release.
+pub async fn unpin(shared: &Shared, actor: &str, request: pb::UnpinRequest) -> Result<pb::UnpinResponse, Status> {
+    let store = &shared.store;
+    let pins = store.pins(&request.stack).await.map_err(ServiceError::from)?;
+    let approved = store
+        .approved(&request.stack)
+        .await
+        .map_err(ServiceError::from)?
+        .into_iter()
+        .find(|approval| approval.bundle == request.bundle)
+        .map(|approval| approval.version);
+    let mut unpinned = Vec::new();
+    for pin in pins.iter().filter(|pin| pin.bundle == request.bundle) {
+        if !request.instances.is_empty() && !request.instances.contains(&pin.instance_id) {
+            continue;
+        }
+        store
+            .remove_pin(&pin.instance_id, &pin.bundle)
+            .await
+            .map_err(ServiceError::from)?;
+        let mut wish = wishes::wish_of(shared, &pin.instance_id, &request.stack)
+            .await
+            .map_err(ServiceError::from)?;
+        match &approved {
+            Some(version) => wish.active.insert(request.bundle.clone(), version.clone()),
+            None => wish.active.remove(&request.bundle),
+        };
+        wishes::send(shared, &pin.instance_id, &wish)
+            .await
+            .map_err(ServiceError::from)?;
+        unpinned.push(pin.instance_id.clone());
+    }
+    shared
+        .audit(
+            actor,
+            "unpin",
+            &format!("{}/{}", request.stack, request.bundle),
+            "ok",
+            unpinned.join(","),
+        )
+        .await;
+    Ok(pb::UnpinResponse { unpinned })
+}
+
+/// Per bundle: the approved release, what instances run, and every instance that differs.
+pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatus, Status> {
+    let store = &shared.store;
+    store.get_stack(stack).await.map_err(ServiceError::from)?;
+    let now = unix_ms(SystemTime::now());
+    let instances = store.list_instances(Some(stack)).await.map_err(ServiceError::from)?;
+    let approved: BTreeMap<String, String> = store
+        .approved(stack)
+        .await
+        .map_err(ServiceError::from)?
+        .into_iter()
+        .map(|approval| (approval.bundle, approval.version))
+        .collect();
+    let pins: BTreeMap<(String, String), String> = store
+        .pins(stack)
+        .await
+        .map_err(ServiceError::from)?
+        .into_iter()
+        .map(|pin| ((pin.instance_id, pin.bundle), pin.version))
+        .collect();
+    let health: BTreeMap<(String, String), crate::store::HealthRow> = store
+        .health(stack)
+        .await
+        .map_err(ServiceError::from)?
+        .into_iter()
+        .map(|row| ((row.instance_id.clone(), row.bundle.clone()), row))
+        .collect();
+    let mut bundles: BTreeSet<String> = approved.keys().cloned().collect();
+    for instance in &instances {
+        bundles.extend(instance.observed.iter().map(|release| release.bundle.clone()));
+    }
+    let mut statuses = Vec::new();
+    for bundle in bundles {
+        let deployment_id = shared.deployer.running_id(stack, &bundle).await.unwrap_or_default();
+        let approved_version = approved.get(&bundle).cloned().unwrap_or_default();
+        let mut running: BTreeMap<String, u32> = BTreeMap::new();
+        let mut rows = Vec::new();
+        for instance in &instances {
+            let presence = shared.settings.presence.presence(
+                shared.sessions.is_connected(&instance.id),
+                instance.last_seen_ms,
+                now,
+            );
+            let running_version = instance
+                .observed
+                .iter()
+                .find(|release| release.bundle == bundle)
+                .map(|release| release.version.clone())
+                .unwrap_or_default();
+            *running.entry(running_version.clone()).or_default() += 1;
+            let pinned = pins.get(&(instance.id.clone(), bundle.clone()));
+            let (state, reason) = if let Some(version) = pinned {
+                let reason = if *version == running_version {
+                    format!("pinned to {version}")
+                } else {
+                    format!("pinned to {version}, runs {}", display_version(&running_version))
+                };
+                ("pinned", reason)
+            } else if running_version == approved_version {
+                ("ok", String::new())
+            } else if !deployment_id.is_empty() {
+                ("deploying", format!("deployment {deployment_id} is running"))
+            } else if running_version.is_empty() {
+                ("missing", format!("does not run {bundle} ({})", presence.as_str()))
+            } else {
+                (
+                    "drift",
+                    format!(
+                        "runs {running_version}, approved is {}",
+                        display_version(&approved_version)
+                    ),
+                )
+            };
+            let health_row = health.get(&(instance.id.clone(), bundle.clone()));
+            let healthy = health_row.is_none_or(|row| row.healthy) && presence == Presence::Online;
+            rows.push(pb::InstanceStatus {
+                instance_id: instance.id.clone(),
+                hostname: instance.facts.hostname.clone(),
+                zone: instance.facts.zone.clone(),
+                presence: presence.as_str().to_owned(),
+                running_version,
+                state: state.to_owned(),
+                reason,
+                healthy,
+                health_detail: health_row.map(|row| row.detail.clone()).unwrap_or_default(),
+                healthy_since_unix_ms: health_row.map(|row| row.since_ms).unwrap_or_default(),
+            });
+        }
+        statuses.push(pb::BundleStatus {
+            bundle,
+            approved_version,
+            running: running.into_iter().collect(),
+            instances: rows,
+            deployment_id,
+        });
+    }
+    Ok(pb::StackStatus {
+        stack: stack.to_owned(),
+        bundles: statuses,
+    })
+}
+
+fn display_version(version: &str) -> &str {
+    if version.is_empty() { "none" } else { version }
+}
+
+pub async fn list_events(shared: &Shared, limit: u32) -> Result<pb::ListEventsResponse, Status> {
+    let limit = if limit == 0 { 50 } else { limit.min(10_000) };
+    let events = shared.store.list_events(limit).await.map_err(ServiceError::from)?;
+    Ok(pb::ListEventsResponse {
+        events: events
+            .into_iter()
+            .map(|event| pb::AuditEvent {
+                at_unix_ms: event.at_ms,
+                actor: event.actor,
+                action: event.action,
+                target: event.target,
+                outcome: event.outcome,
+                detail: event.detail,
+            })
+            .collect(),
+    })
+}

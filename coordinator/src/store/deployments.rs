@@ -1,0 +1,424 @@
+//! The store's deployment tables: approvals (the approved release per stack
+//! and bundle, with history), pins, deployments, the desired state last sent
+//! to each instance with its epoch, and the latest health per instance.
+
+use sqlx::Row;
+
+use super::{Store, StoreError};
+
+/// A release approved for a stack (the newest approval per bundle wins).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Approval {
+    pub stack: String,
+    pub bundle: String,
+    pub version: String,
+    pub deployment_id: String,
+    pub approved_at_ms: i64,
+}
+
+/// A deliberate exception: this instance runs `version` of `bundle`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pin {
+    pub instance_id: String,
+    pub bundle: String,
+    pub version: String,
+    pub pinned_by: String,
+    pub pinned_at_ms: i64,
+}
+
+/// One deployment as stored; `state` is the rollout state as JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeploymentRow {
+    pub id: String,
+    pub stack: String,
+    pub bundle: String,
+    pub version: String,
+    pub epoch: u64,
+    pub status: String,
+    pub state: String,
+    pub created_by: String,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+/// The latest health an instance reported for a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthRow {
+    pub instance_id: String,
+    pub bundle: String,
+    pub version: String,
+    pub healthy: bool,
+    pub detail: String,
+    pub since_ms: i64,
+    pub observed_at_ms: i64,
+}
+
+fn to_u64(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn to_i64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DeploymentRow, StoreError> {
+    Ok(DeploymentRow {
+        id: row.try_get("id")?,
+        stack: row.try_get("stack")?,
+        bundle: row.try_get("bundle")?,
+        version: row.try_get("version")?,
+        epoch: to_u64(row.try_get("epoch")?),
+        status: row.try_get("status")?,
+        state: row.try_get("state")?,
+        created_by: row.try_get("created_by")?,
+        created_at_ms: row.try_get("created_at")?,
+        updated_at_ms: row.try_get("updated_at")?,
+    })
+}
+
+impl Store {
+    /// The next epoch: strictly greater than every epoch handed out before.
+    pub async fn next_epoch(&self) -> Result<u64, StoreError> {
+        let row = sqlx::query("UPDATE counters SET value = value + 1 WHERE name = 'epoch' RETURNING value")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(to_u64(row.try_get("value")?))
+    }
+
+    pub async fn approve(
+        &self,
+        stack: &str,
+        bundle: &str,
+        version: &str,
+        deployment_id: &str,
+        now_ms: i64,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO approvals (stack, bundle, version, deployment_id, approved_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(stack)
+        .bind(bundle)
+        .bind(version)
+        .bind(deployment_id)
+        .bind(now_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The approved release of every bundle of `stack`.
+    pub async fn approved(&self, stack: &str) -> Result<Vec<Approval>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT a.stack, a.bundle, a.version, a.deployment_id, a.approved_at FROM approvals a \
+             WHERE a.stack = $1 AND a.sequence = \
+               (SELECT MAX(b.sequence) FROM approvals b WHERE b.stack = a.stack AND b.bundle = a.bundle) \
+             ORDER BY a.bundle",
+        )
+        .bind(stack)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Approval {
+                    stack: row.try_get("stack")?,
+                    bundle: row.try_get("bundle")?,
+                    version: row.try_get("version")?,
+                    deployment_id: row.try_get("deployment_id")?,
+                    approved_at_ms: row.try_get("approved_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Approved versions of `bundle` on `stack`, newest first.
+    pub async fn approval_history(&self, stack: &str, bundle: &str) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query("SELECT version FROM approvals WHERE stack = $1 AND bundle = $2 ORDER BY sequence DESC")
+            .bind(stack)
+            .bind(bundle)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(|row| Ok(row.try_get("version")?)).collect()
+    }
+
+    pub async fn set_pin(&self, pin: &Pin) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO pins (instance_id, bundle, version, pinned_by, pinned_at) VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (instance_id, bundle) DO UPDATE SET version = $3, pinned_by = $4, pinned_at = $5",
+        )
+        .bind(&pin.instance_id)
+        .bind(&pin.bundle)
+        .bind(&pin.version)
+        .bind(&pin.pinned_by)
+        .bind(pin.pinned_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a pin; returns whether there was one.
+    pub async fn remove_pin(&self, instance_id: &str, bundle: &str) -> Result<bool, StoreError> {
+        let result = sqlx::query("DELETE FROM pins WHERE instance_id = $1 AND bundle = $2")
+            .bind(instance_id)
+            .bind(bundle)
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected() > 0)
+    }
+
+    /// The pins of the instances of `stack`.
+    pub async fn pins(&self, stack: &str) -> Result<Vec<Pin>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT p.instance_id, p.bundle, p.version, p.pinned_by, p.pinned_at FROM pins p \
+             JOIN instances i ON i.id = p.instance_id WHERE i.stack = $1 ORDER BY p.instance_id, p.bundle",
+        )
+        .bind(stack)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(Pin {
+                    instance_id: row.try_get("instance_id")?,
+                    bundle: row.try_get("bundle")?,
+                    version: row.try_get("version")?,
+                    pinned_by: row.try_get("pinned_by")?,
+                    pinned_at_ms: row.try_get("pinned_at")?,
+                })
+            })
+            .collect()
+    }
+
+    /// Records the desired state sent to an instance (before it is sent).
+    pub async fn save_desired(&self, instance_id: &str, epoch: u64, body: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO desired_states (instance_id, epoch, body) VALUES ($1, $2, $3) \
+             ON CONFLICT (instance_id) DO UPDATE SET epoch = $2, body = $3",
+        )
+        .bind(instance_id)
+        .bind(to_i64(epoch))
+        .bind(body)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn desired(&self, instance_id: &str) -> Result<Option<(u64, String)>, StoreError> {
+        let row = sqlx::query("SELECT epoch, body FROM desired_states WHERE instance_id = $1")
+            .bind(instance_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.map(|row| Ok((to_u64(row.try_get("epoch")?), row.try_get("body")?)))
+            .transpose()
+    }
+
+    pub async fn create_deployment(&self, row: &DeploymentRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO deployments (id, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+        )
+        .bind(&row.id)
+        .bind(&row.stack)
+        .bind(&row.bundle)
+        .bind(&row.version)
+        .bind(to_i64(row.epoch))
+        .bind(&row.status)
+        .bind(&row.state)
+        .bind(&row.created_by)
+        .bind(row.created_at_ms)
+        .bind(row.updated_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    pub async fn update_deployment(&self, id: &str, status: &str, state: &str, now_ms: i64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE deployments SET status = $2, state = $3, updated_at = $4 WHERE id = $1")
+            .bind(id)
+            .bind(status)
+            .bind(state)
+            .bind(now_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    pub async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRow>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at \
+             FROM deployments WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(deployment_from_row).transpose()
+    }
+
+    /// Deployments, newest first; only those of `stack` when given; `running_only` for resumption.
+    pub async fn list_deployments(
+        &self,
+        stack: Option<&str>,
+        running_only: bool,
+    ) -> Result<Vec<DeploymentRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at \
+             FROM deployments WHERE ($1 = '' OR stack = $1) AND ($2 = FALSE OR status = 'running') \
+             ORDER BY created_at DESC, id",
+        )
+        .bind(stack.unwrap_or(""))
+        .bind(running_only)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(deployment_from_row).collect()
+    }
+
+    /// Records a health report; `since` moves only when the verdict changes.
+    pub async fn record_health(&self, health: &HealthRow) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO instance_health (instance_id, bundle, version, healthy, detail, since, observed_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+             ON CONFLICT (instance_id, bundle) DO UPDATE SET \
+               since = CASE WHEN instance_health.healthy = $4 AND instance_health.version = $3 \
+                            THEN instance_health.since ELSE $6 END, \
+               version = $3, healthy = $4, detail = $5, observed_at = $7",
+        )
+        .bind(&health.instance_id)
+        .bind(&health.bundle)
+        .bind(&health.version)
+        .bind(health.healthy)
+        .bind(&health.detail)
+        .bind(health.since_ms)
+        .bind(health.observed_at_ms)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records that `instance_id` now runs `version` of `bundle` (from its progress reports).
+    pub async fn set_observed_release(
+        &self,
+        instance_id: &str,
+        bundle: &str,
+        version: &str,
+        sha256: &str,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT observed FROM instances WHERE id = $1")
+            .bind(instance_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            return Ok(());
+        };
+        let text: String = row.try_get("observed")?;
+        let mut observed: Vec<crate::model::ObservedRelease> =
+            serde_json::from_str(&text).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        observed.retain(|release| release.bundle != bundle);
+        observed.push(crate::model::ObservedRelease {
+            bundle: bundle.to_owned(),
+            version: version.to_owned(),
+            sha256: sha256.to_owned(),
+            state: "installed".into(),
+        });
+        observed.sort_by(|a, b| a.bundle.cmp(&b.bundle));
+        let text = serde_json::to_string(&observed).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+        sqlx::query("UPDATE instances SET observed = $2 WHERE id = $1")
+            .bind(instance_id)
+            .bind(text)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The latest health of every instance of `stack`.
+    pub async fn health(&self, stack: &str) -> Result<Vec<HealthRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT h.instance_id, h.bundle, h.version, h.healthy, h.detail, h.since, h.observed_at \
+             FROM instance_health h JOIN instances i ON i.id = h.instance_id WHERE i.stack = $1 \
+             ORDER BY h.instance_id, h.bundle",
+        )
+        .bind(stack)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(HealthRow {
+                    instance_id: row.try_get("instance_id")?,
+                    bundle: row.try_get("bundle")?,
+                    version: row.try_get("version")?,
+                    healthy: row.try_get("healthy")?,
+                    detail: row.try_get("detail")?,
+                    since_ms: row.try_get("since")?,
+                    observed_at_ms: row.try_get("observed_at")?,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Stage;
+
+    async fn store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let store = Store::open(&dir.path().join("db")).await.expect("open");
+        store.create_stack("web", Stage::Production, 0).await.expect("stack");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn epochs_only_grow() {
+        let (_dir, store) = store().await;
+        let first = store.next_epoch().await.expect("epoch");
+        let second = store.next_epoch().await.expect("epoch");
+        assert!(second > first && first > 0);
+    }
+
+    #[tokio::test]
+    async fn running_deployments_are_found_and_updated() {
+        let (_dir, store) = store().await;
+        let mut row = DeploymentRow {
+            id: "d1".into(),
+            stack: "web".into(),
+            bundle: "app".into(),
+            version: "1".into(),
+            epoch: 1,
+            status: "running".into(),
+            state: "{}".into(),
+            created_by: "op".into(),
+            created_at_ms: 1,
+            updated_at_ms: 1,
+        };
+        // The release must exist (foreign key); deployments of unknown releases are refused.
+        assert!(store.create_deployment(&row).await.is_err());
+        sqlx::query("INSERT INTO bundles (name, kind, created_at) VALUES ('app', 'app', 0)")
+            .execute(&store.pool)
+            .await
+            .expect("bundle");
+        sqlx::query(
+            "INSERT INTO releases (bundle, version, bucket, object_key, sha256, size, pushed_by, pushed_at) \
+             VALUES ('app', '1', 'b', 'k', 'aa', 1, 'op', 0)",
+        )
+        .execute(&store.pool)
+        .await
+        .expect("release");
+        store.create_deployment(&row).await.expect("create");
+        assert_eq!(store.list_deployments(Some("web"), true).await.expect("list").len(), 1);
+        store
+            .update_deployment("d1", "succeeded", "{\"x\":1}", 5)
+            .await
+            .expect("update");
+        assert!(store.list_deployments(None, true).await.expect("list").is_empty());
+        row.status = "succeeded".into();
+        row.state = "{\"x\":1}".into();
+        row.updated_at_ms = 5;
+        assert_eq!(store.get_deployment("d1").await.expect("get"), Some(row));
+
+        store.approve("web", "app", "1", "d1", 6).await.expect("approve");
+        let approved = store.approved("web").await.expect("approved");
+        assert_eq!(approved.len(), 1);
+        assert_eq!(approved[0].version, "1");
+        assert_eq!(store.approval_history("web", "app").await.expect("history"), ["1"]);
+    }
+}

@@ -1,0 +1,363 @@
+//! Rolling deployments end to end: a real coordinator, real agents in three
+//! zones, releases pushed to the S3 server `tests/run` starts. Wave order is
+//! checked against the agents' own records of when they switched (their
+//! install journals), not against what the coordinator says.
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use rollwave_tests::{Cluster, S3Bucket, wait_for};
+use serde_json::Value;
+
+/// A stack `web` with agents, a bucket, and releases of bundle `app`.
+struct Fleet {
+    cluster: Cluster,
+    bucket: S3Bucket,
+    work: tempfile::TempDir,
+}
+
+impl Fleet {
+    fn start(agents: usize) -> Self {
+        Self {
+            cluster: Cluster::start(agents),
+            bucket: S3Bucket::versioned(),
+            work: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn control(&self, name: &str) -> PathBuf {
+        self.work.path().join(name)
+    }
+
+    /// Builds and pushes app@version; its health check fails while control/unhealthy-<version> exists.
+    fn push(&self, version: &str) {
+        let source = self.work.path().join(format!("src-{version}"));
+        std::fs::create_dir_all(&source).expect("source");
+        std::fs::write(source.join("VERSION"), version).expect("version file");
+        std::fs::write(
+            source.join("rollwave.toml"),
+            format!(
+                "[[health]]\ncommand = \"test ! -e {}\"\ntimeout = \"5s\"\n",
+                self.control(&format!("unhealthy-{version}")).display()
+            ),
+        )
+        .expect("manifest");
+        let archive = self.work.path().join(format!("app-{version}.zip"));
+        rollwave_release::build_from_dir(&source, &archive).expect("build");
+        let mut args = vec![
+            "release".to_owned(),
+            "push".to_owned(),
+            archive.display().to_string(),
+            "--bundle".to_owned(),
+            "app".to_owned(),
+            "--version".to_owned(),
+            version.to_owned(),
+        ];
+        args.extend(self.bucket.push_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let output = self.cluster.coordinator.try_cli(&args);
+        assert!(
+            output.status.success(),
+            "push: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    fn try_deploy(&self, version: &str, extra: &[&str]) -> Output {
+        let release = format!("app@{version}");
+        let mut args = vec![
+            "deploy",
+            "web",
+            &release,
+            "--min-healthy-time",
+            "1s",
+            "--output",
+            "json",
+        ];
+        args.extend(extra);
+        self.cluster.coordinator.try_cli(&args)
+    }
+
+    /// Deploys and watches to the end; returns the final deployment.
+    fn deploy_and_watch(&self, version: &str, extra: &[&str]) -> (bool, Value) {
+        let mut args = vec!["--watch"];
+        args.extend(extra);
+        let output = self.try_deploy(version, &args);
+        let deployment: Value = serde_json::from_slice(&output.stdout).unwrap_or_else(|error| {
+            panic!(
+                "deploy --watch --output json printed no deployment ({error}): {}\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.success(), deployment)
+    }
+
+    fn agent_root(&self, index: usize) -> PathBuf {
+        self.cluster.agents[index].dir.join("state")
+    }
+
+    fn current(&self, index: usize) -> Option<String> {
+        std::fs::read_link(self.agent_root(index).join("releases/app/current"))
+            .ok()
+            .map(|target| target.to_string_lossy().into_owned())
+    }
+
+    /// (version, unix ms) of every activation the agent recorded.
+    fn activations(&self, index: usize) -> Vec<(String, i64)> {
+        activations_in(&self.agent_root(index))
+    }
+
+    fn instance_id(&self, index: usize) -> String {
+        self.cluster.agents[index].identity()["instance_id"]
+            .as_str()
+            .expect("instance id")
+            .to_owned()
+    }
+
+    fn index_of(&self, instance_id: &str) -> usize {
+        (0..self.cluster.agents.len())
+            .find(|index| self.instance_id(*index) == instance_id)
+            .unwrap_or_else(|| panic!("no agent is {instance_id}"))
+    }
+
+    fn wait_all_on(&self, version: &str) {
+        for index in 0..self.cluster.agents.len() {
+            wait_for(&format!("agent {index} to run {version}"), || {
+                (self.current(index).as_deref() == Some(version)).then_some(())
+            });
+        }
+    }
+
+    fn status(&self) -> Value {
+        self.cluster.coordinator.cli_json(&["status", "web"])
+    }
+}
+
+fn activations_in(root: &Path) -> Vec<(String, i64)> {
+    let Ok(text) = std::fs::read_to_string(root.join("state/journal/app.json")) else {
+        return Vec::new();
+    };
+    let journal: Value = serde_json::from_str(&text).expect("journal JSON");
+    journal["history"]
+        .as_array()
+        .map(|history| {
+            history
+                .iter()
+                .map(|entry| {
+                    (
+                        entry["version"].as_str().unwrap_or_default().to_owned(),
+                        entry["at_unix_ms"].as_i64().unwrap_or_default(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn wave_instances(deployment: &Value, wave: usize) -> Vec<String> {
+    deployment["waves"][wave]["instances"]
+        .as_array()
+        .expect("instances")
+        .iter()
+        .map(|instance| {
+            instance["instance_id"]
+                .as_str()
+                .or_else(|| instance["id"].as_str())
+                .expect("instance id")
+                .to_owned()
+        })
+        .collect()
+}
+
+fn bundle_status<'a>(status: &'a Value, bundle: &str) -> &'a Value {
+    status["bundles"]
+        .as_array()
+        .expect("bundles")
+        .iter()
+        .find(|entry| entry["bundle"] == bundle)
+        .unwrap_or_else(|| panic!("no {bundle} in {status}"))
+}
+
+/// A fleet of 6 in 3 zones, all on app@1.0 (approved), deployed all at once.
+fn fleet_on_v1() -> Fleet {
+    let fleet = Fleet::start(6);
+    fleet.push("1.0");
+    let (ok, deployment) = fleet.deploy_and_watch("1.0", &["--strategy", "all-at-once"]);
+    assert!(ok, "first deployment: {deployment}");
+    fleet.wait_all_on("1.0");
+    fleet
+}
+
+#[test]
+fn a_rolling_deployment_goes_canary_first_then_zone_by_zone() {
+    let fleet = fleet_on_v1();
+    fleet.push("2.0");
+    let (ok, deployment) = fleet.deploy_and_watch("2.0", &[]);
+    assert!(ok, "{deployment}");
+    assert_eq!(deployment["status"], "succeeded");
+    fleet.wait_all_on("2.0");
+
+    let waves = deployment["waves"].as_array().expect("waves");
+    assert_eq!(waves[0]["kind"], "canary");
+    assert_eq!(wave_instances(&deployment, 0).len(), 1, "one canary by default");
+    // Zone order: the canary's zone first, then the others by name; 25 % of a zone of 2 is 1 per wave.
+    let canary_zone = fleet.cluster.agents[fleet.index_of(&wave_instances(&deployment, 0)[0])]
+        .spec
+        .zone
+        .clone();
+    let zones: Vec<&str> = waves[1..]
+        .iter()
+        .map(|wave| wave["zone"].as_str().expect("zone"))
+        .collect();
+    assert_eq!(zones[0], canary_zone, "the canary's zone goes first: {zones:?}");
+    let mut seen: Vec<&str> = Vec::new();
+    for zone in &zones {
+        if seen.last() != Some(zone) {
+            assert!(!seen.contains(zone), "a zone's waves are together: {zones:?}");
+            seen.push(zone);
+        }
+    }
+    let mut rest = seen[1..].to_vec();
+    rest.sort_unstable();
+    assert_eq!(seen[1..], rest[..], "after the canary's zone, zones go by name: {zones:?}");
+    for wave in &waves[1..] {
+        assert_eq!(wave["instances"].as_array().expect("instances").len(), 1, "batch of 1");
+    }
+
+    // The agents' own clocks: every switch of a wave happened before any of the next.
+    let switched_at = |instance: &str| -> i64 {
+        let index = fleet.index_of(instance);
+        let switched: Vec<i64> = fleet
+            .activations(index)
+            .into_iter()
+            .filter(|(version, _)| version == "2.0")
+            .map(|(_, at)| at)
+            .collect();
+        assert_eq!(switched.len(), 1, "{instance} switched to 2.0 exactly once");
+        switched[0]
+    };
+    let mut previous_end = i64::MIN;
+    for index in 0..waves.len() {
+        let times: Vec<i64> = wave_instances(&deployment, index)
+            .iter()
+            .map(|id| switched_at(id))
+            .collect();
+        let start = *times.iter().min().expect("a wave has instances");
+        assert!(
+            start > previous_end,
+            "wave {index} started before wave {} ended",
+            index.saturating_sub(1)
+        );
+        previous_end = *times.iter().max().expect("max");
+    }
+
+    let status = fleet.status();
+    let app = bundle_status(&status, "app");
+    assert_eq!(app["approved_version"], "2.0");
+}
+
+#[test]
+fn a_release_failing_its_health_check_is_stopped_at_the_canary() {
+    let fleet = fleet_on_v1();
+    fleet.push("2.0");
+    std::fs::write(fleet.control("unhealthy-2.0"), b"").expect("control");
+    let (ok, deployment) = fleet.deploy_and_watch("2.0", &["--healthy-deadline", "20s"]);
+    assert!(!ok, "a failed deployment exits non-zero");
+    assert_eq!(deployment["status"], "failed", "{deployment}");
+    let canary = wave_instances(&deployment, 0)[0].clone();
+    for index in 0..fleet.cluster.agents.len() {
+        assert_eq!(fleet.current(index).as_deref(), Some("1.0"), "agent {index} serves 1.0");
+        let activated_v2 = fleet.activations(index).iter().any(|(version, _)| version == "2.0");
+        if fleet.instance_id(index) != canary {
+            assert!(!activated_v2, "agent {index} is in a later wave and never switched");
+        }
+    }
+    let status = fleet.status();
+    assert_eq!(
+        bundle_status(&status, "app")["approved_version"],
+        "1.0",
+        "approved unchanged"
+    );
+}
+
+#[test]
+fn a_second_deployment_of_the_same_bundle_is_refused_while_one_runs() {
+    let fleet = fleet_on_v1();
+    fleet.push("2.0");
+    fleet.push("3.0");
+    let started = fleet.try_deploy("2.0", &["--min-healthy-time", "5m"]);
+    assert!(started.status.success(), "{}", String::from_utf8_lossy(&started.stderr));
+    let running: Value = serde_json::from_slice(&started.stdout).expect("deployment JSON");
+    let id = running["id"].as_str().expect("id").to_owned();
+    let refused = fleet.try_deploy("3.0", &[]);
+    assert_eq!(refused.status.code(), Some(1));
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(message.contains(&id), "names the running deployment: {message}");
+
+    let aborted = fleet.cluster.coordinator.try_cli(&["deployment", "abort", &id]);
+    assert!(aborted.status.success(), "{}", String::from_utf8_lossy(&aborted.stderr));
+    wait_for("the abort to finish", || {
+        let shown = fleet.cluster.coordinator.cli_json(&["deployment", "show", &id]);
+        (shown["status"] == "aborted").then_some(())
+    });
+    fleet.wait_all_on("1.0");
+}
+
+#[test]
+fn rollback_returns_the_stack_to_the_previous_approved_release() {
+    let fleet = fleet_on_v1();
+    fleet.push("2.0");
+    let (ok, deployment) = fleet.deploy_and_watch("2.0", &["--strategy", "all-at-once"]);
+    assert!(ok, "{deployment}");
+    fleet.wait_all_on("2.0");
+    let output = fleet
+        .cluster
+        .coordinator
+        .try_cli(&["rollback", "web", "app", "--watch", "--output", "json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    fleet.wait_all_on("1.0");
+    let status = fleet.status();
+    assert_eq!(bundle_status(&status, "app")["approved_version"], "1.0");
+    // Fast: nothing downloaded again (the journal shows no second prepare of 1.0).
+    for index in 0..fleet.cluster.agents.len() {
+        let count = fleet
+            .activations(index)
+            .iter()
+            .filter(|(version, _)| version == "1.0")
+            .count();
+        assert_eq!(count, 2, "agent {index}: 1.0 twice, 2.0 once in between");
+    }
+}
+
+#[test]
+fn pinned_instances_are_exceptions_until_unpinned() {
+    let fleet = fleet_on_v1();
+    fleet.push("2.0");
+    let (ok, deployment) = fleet.deploy_and_watch("2.0", &["--strategy", "all-at-once"]);
+    assert!(ok, "{deployment}");
+    fleet.wait_all_on("2.0");
+    let pinned = fleet.instance_id(0);
+    fleet
+        .cluster
+        .coordinator
+        .cli(&["pin", "web", "app@1.0", "--instances", &pinned]);
+    wait_for("the pinned instance to run 1.0", || {
+        (fleet.current(0).as_deref() == Some("1.0")).then_some(())
+    });
+    wait_for("status to show the pin", || {
+        let status = fleet.status();
+        let row = bundle_status(&status, "app")["instances"]
+            .as_array()
+            .expect("instances")
+            .iter()
+            .find(|row| row["instance_id"] == pinned.as_str())
+            .cloned()
+            .expect("row");
+        (row["state"] == "pinned" && row["running_version"] == "1.0").then_some(())
+    });
+    fleet.cluster.coordinator.cli(&["unpin", "web", "app"]);
+    wait_for("the unpinned instance to return to 2.0", || {
+        (fleet.current(0).as_deref() == Some("2.0")).then_some(())
+    });
+}
