@@ -156,6 +156,10 @@ pub struct Rollout {
     pub paused_since_ms: Option<i64>,
     /// The time of the last input handled; on a restart, the gap to now is the coordinator's downtime.
     pub last_step_ms: i64,
+    /// When the prepare phase began: targets that have not prepared within the healthy deadline of it fail
+    /// (an agent that is down must not hold the whole deployment until the progress deadline).
+    #[serde(default)]
+    pub preparing_since_ms: Option<i64>,
 }
 
 /// One instance the deployment targets.
@@ -420,6 +424,7 @@ impl Rollout {
             last_progress_ms: now_ms,
             paused_since_ms: None,
             last_step_ms: now_ms,
+            preparing_since_ms: None,
         })
     }
 
@@ -595,6 +600,7 @@ impl Rollout {
                 if self.phase == Phase::Created {
                     self.phase = Phase::Preparing;
                     self.last_progress_ms = now_ms;
+                    self.preparing_since_ms = Some(now_ms);
                 }
             }
             Input::Tick => {}
@@ -612,6 +618,11 @@ impl Rollout {
                     // something progressed during it) and continue from now.
                     let accrued_ms = paused_since_ms.saturating_sub(self.last_progress_ms).max(0);
                     self.last_progress_ms = now_ms.saturating_sub(accrued_ms);
+                    // Nor does it count against the prepare deadline.
+                    if let Some(preparing_since_ms) = &mut self.preparing_since_ms {
+                        *preparing_since_ms =
+                            preparing_since_ms.saturating_add(now_ms.saturating_sub(paused_since_ms).max(0));
+                    }
                 }
             }
             Input::Abort => match self.phase {
@@ -745,6 +756,9 @@ impl Rollout {
     fn restart(&mut self, now_ms: i64, commands: &mut Vec<Command>) {
         let downtime_ms = now_ms.saturating_sub(self.last_step_ms).max(0);
         self.last_progress_ms = self.last_progress_ms.saturating_add(downtime_ms);
+        if let Some(preparing_since_ms) = &mut self.preparing_since_ms {
+            *preparing_since_ms = preparing_since_ms.saturating_add(downtime_ms);
+        }
         if let Some(paused_since_ms) = &mut self.paused_since_ms {
             *paused_since_ms = paused_since_ms.saturating_add(downtime_ms);
         }
@@ -885,6 +899,35 @@ impl Rollout {
         match self.phase.clone() {
             Phase::Created | Phase::Succeeded | Phase::Failed { .. } | Phase::Aborted { .. } => false,
             Phase::Preparing => {
+                let prepare_deadline_passed = self
+                    .preparing_since_ms
+                    .is_some_and(|since| now_ms >= since.saturating_add(self.options.healthy_deadline_ms));
+                if prepare_deadline_passed && !self.is_paused() {
+                    let late: Vec<String> = self
+                        .targets
+                        .iter()
+                        .filter(|(_, target)| !target.state.is_past_preparing())
+                        .map(|(instance, _)| instance.clone())
+                        .collect();
+                    let reason = format!(
+                        "did not prepare within the healthy deadline ({})",
+                        humantime::format_duration(std::time::Duration::from_millis(
+                            u64::try_from(self.options.healthy_deadline_ms).unwrap_or(0)
+                        ))
+                    );
+                    let marked = !late.is_empty();
+                    for instance in late {
+                        let failed = InstanceState::Failed {
+                            reason: reason.clone(),
+                            needs_switch_back: false,
+                        };
+                        self.set_state(&instance, failed, now_ms, true);
+                    }
+                    if marked {
+                        // Check the threshold again before any wave starts.
+                        return true;
+                    }
+                }
                 if self.is_paused() || !self.targets.values().all(|target| target.state.is_past_preparing()) {
                     return false;
                 }
@@ -1659,10 +1702,43 @@ mod tests {
         );
     }
 
+    /// Options whose healthy deadline is longer than the progress deadline, so a silent target
+    /// stalls the deployment before its own prepare deadline passes.
+    fn patient_options() -> RolloutOptions {
+        RolloutOptions {
+            healthy_deadline_ms: 300 * SECOND,
+            ..options()
+        }
+    }
+
+    #[test]
+    fn a_target_that_never_prepares_fails_at_the_healthy_deadline() {
+        check(
+            rollout(&[&["a"], &["b"]], options()),
+            "
+            0 start
+            1 prepared a
+            60 tick
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 2 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing
+                    > prepare a, prepare b
+                1 prepared a
+                    preparing: 1 preparing, 1 prepared; 0 failures, 0 allowed
+                    a=prepared b=preparing
+                60 tick
+                    failed: 1 failure, 0 allowed; last: b: did not prepare within the healthy deadline (1m)
+                    a=prepared b=failed
+            "#]],
+        );
+    }
+
     #[test]
     fn no_progress_for_the_progress_deadline_fails_as_stalled() {
         check(
-            rollout(&[&["a"], &["b"]], options()),
+            rollout(&[&["a"], &["b"]], patient_options()),
             "
             0 start
             1 prepared a
@@ -1749,7 +1825,7 @@ mod tests {
     fn paused_time_does_not_count_against_the_progress_deadline() {
         // 49 s without progress before the pause, so the deadline falls 71 s after the resume.
         check(
-            rollout(&[&["a"], &["b"]], options()),
+            rollout(&[&["a"], &["b"]], patient_options()),
             "
             0 start
             1 prepared a
@@ -2492,7 +2568,8 @@ mod tests {
               ],
               "last_progress_ms": 2000,
               "paused_since_ms": null,
-              "last_step_ms": 2000
+              "last_step_ms": 2000,
+              "preparing_since_ms": 0
             }"#]]
         .assert_eq(&json);
     }

@@ -161,9 +161,10 @@ fn wave_instances(deployment: &Value, wave: usize) -> Vec<String> {
         .expect("instances")
         .iter()
         .map(|instance| {
-            instance["instance_id"]
+            // A plan lists ids; a deployment lists instances with their state.
+            instance
                 .as_str()
-                .or_else(|| instance["id"].as_str())
+                .or_else(|| instance["instance_id"].as_str())
                 .expect("instance id")
                 .to_owned()
         })
@@ -220,7 +221,11 @@ fn a_rolling_deployment_goes_canary_first_then_zone_by_zone() {
     }
     let mut rest = seen[1..].to_vec();
     rest.sort_unstable();
-    assert_eq!(seen[1..], rest[..], "after the canary's zone, zones go by name: {zones:?}");
+    assert_eq!(
+        seen[1..],
+        rest[..],
+        "after the canary's zone, zones go by name: {zones:?}"
+    );
     for wave in &waves[1..] {
         assert_eq!(wave["instances"].as_array().expect("instances").len(), 1, "batch of 1");
     }
@@ -255,6 +260,12 @@ fn a_rolling_deployment_goes_canary_first_then_zone_by_zone() {
     let status = fleet.status();
     let app = bundle_status(&status, "app");
     assert_eq!(app["approved_version"], "2.0");
+    // What instances run, as they reported it: all six on 2.0, none drifting.
+    wait_for("status to show every instance on 2.0", || {
+        let status = fleet.status();
+        let app = bundle_status(&status, "app").clone();
+        (app["running"]["2.0"] == 6).then_some(())
+    });
 }
 
 #[test]
@@ -360,4 +371,155 @@ fn pinned_instances_are_exceptions_until_unpinned() {
     wait_for("the unpinned instance to return to 2.0", || {
         (fleet.current(0).as_deref() == Some("2.0")).then_some(())
     });
+}
+
+impl Fleet {
+    /// Starts a deployment without watching; returns its id.
+    fn start_deployment(&self, version: &str, extra: &[&str]) -> String {
+        let output = self.try_deploy(version, extra);
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let started: Value = serde_json::from_slice(&output.stdout).expect("deployment JSON");
+        started["id"].as_str().expect("id").to_owned()
+    }
+
+    fn show(&self, id: &str) -> Value {
+        self.cluster.coordinator.cli_json(&["deployment", "show", id])
+    }
+
+    /// Waits (up to a few minutes) until the deployment ends; returns it.
+    fn wait_finished(&self, id: &str) -> Value {
+        let started = std::time::Instant::now();
+        loop {
+            let shown = self.show(id);
+            if shown["status"] != "running" {
+                return shown;
+            }
+            assert!(
+                started.elapsed() < std::time::Duration::from_secs(240),
+                "deployment {id} still running: {shown}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(250));
+        }
+    }
+
+    fn switches_to(&self, index: usize, version: &str) -> usize {
+        self.activations(index)
+            .iter()
+            .filter(|(switched, _)| switched == version)
+            .count()
+    }
+}
+
+#[test]
+fn a_coordinator_killed_mid_wave_resumes_and_switches_each_instance_once() {
+    let mut fleet = fleet_on_v1();
+    fleet.push("2.0");
+    let id = fleet.start_deployment("2.0", &["--min-healthy-time", "3s"]);
+    wait_for("the deployment to reach its second wave", || {
+        let phase = fleet.show(&id)["phase"].as_str().unwrap_or_default().to_owned();
+        phase.starts_with("wave 2/").then_some(())
+    });
+    fleet.cluster.coordinator.restart();
+    let finished = fleet.wait_finished(&id);
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    fleet.wait_all_on("2.0");
+    for index in 0..fleet.cluster.agents.len() {
+        assert_eq!(
+            fleet.switches_to(index, "2.0"),
+            1,
+            "agent {index} switched to 2.0 exactly once"
+        );
+    }
+    // Never more than one wave's instances switching at a time: switch times of a wave
+    // all precede those of the next, across the restart too.
+    let mut previous_end = i64::MIN;
+    for wave in 0..finished["waves"].as_array().expect("waves").len() {
+        let times: Vec<i64> = wave_instances(&finished, wave)
+            .iter()
+            .flat_map(|id| fleet.activations(fleet.index_of(id)))
+            .filter(|(version, _)| version == "2.0")
+            .map(|(_, at)| at)
+            .collect();
+        assert!(
+            *times.iter().min().expect("switched") > previous_end,
+            "wave {wave} overlapped the one before"
+        );
+        previous_end = *times.iter().max().expect("switched");
+    }
+}
+
+#[test]
+fn an_instance_joining_mid_deployment_ends_on_the_new_release() {
+    let mut fleet = fleet_on_v1();
+    fleet.push("2.0");
+    let id = fleet.start_deployment("2.0", &["--min-healthy-time", "2s"]);
+    wait_for("the deployment to start its waves", || {
+        let phase = fleet.show(&id)["phase"].as_str().unwrap_or_default().to_owned();
+        phase.starts_with("wave ").then_some(())
+    });
+    let token = fleet.cluster.coordinator.create_token("web", 1, "10m");
+    fleet.cluster.add_agent("late", "z2", &token);
+    let late = fleet.cluster.agents.len() - 1;
+    let finished = fleet.wait_finished(&id);
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    wait_for("the late agent to run 2.0", || {
+        (fleet.current(late).as_deref() == Some("2.0")).then_some(())
+    });
+    let history: Vec<String> = fleet
+        .activations(late)
+        .into_iter()
+        .map(|(version, _)| version)
+        .collect();
+    assert_eq!(
+        history,
+        ["1.0", "2.0"],
+        "it installed the approved release first, then joined the deployment"
+    );
+}
+
+#[test]
+fn a_killed_agent_counts_against_the_threshold_and_a_dead_fleet_stalls() {
+    let mut fleet = fleet_on_v1();
+    fleet.push("2.0");
+    // The last agent dies before its wave: with one failure allowed the deployment goes on.
+    let plan = fleet
+        .cluster
+        .coordinator
+        .cli_json(&["deploy", "web", "app@2.0", "--plan", "--min-healthy", "50%"]);
+    let last_wave = plan["waves"].as_array().expect("waves").len() - 1;
+    let victim_id = wave_instances(&plan, last_wave)[0].clone();
+    let victim = fleet.index_of(&victim_id);
+    fleet.cluster.agents[victim].kill();
+    let id = fleet.start_deployment(
+        "2.0",
+        &[
+            "--failure-threshold",
+            "1",
+            "--healthy-deadline",
+            "8s",
+            "--progress-deadline",
+            "60s",
+            // The killed agent is not healthy: leave room for waves.
+            "--min-healthy",
+            "50%",
+        ],
+    );
+    let finished = fleet.wait_finished(&id);
+    assert_eq!(finished["status"], "succeeded", "{finished}");
+    let failures = finished["failures"].as_array().expect("failures");
+    assert_eq!(failures.len(), 1, "{finished}");
+    assert!(failures[0].to_string().contains(&victim_id), "{finished}");
+    for index in (0..fleet.cluster.agents.len()).filter(|index| *index != victim) {
+        assert_eq!(fleet.current(index).as_deref(), Some("2.0"), "agent {index}");
+    }
+
+    // Every agent gone: nothing can progress, and the progress deadline ends it.
+    fleet.push("3.0");
+    for agent in &mut fleet.cluster.agents {
+        agent.kill();
+    }
+    let id = fleet.start_deployment("3.0", &["--progress-deadline", "5s", "--min-healthy", "0"]);
+    let finished = fleet.wait_finished(&id);
+    assert_eq!(finished["status"], "failed", "{finished}");
+    assert!(finished["reason"].to_string().contains("stalled"), "{finished}");
 }

@@ -301,6 +301,12 @@ impl Store {
         sha256: &str,
     ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
+        // Write first, so this transaction holds the write lock before it reads: a read that
+        // later upgrades fails at once (SQLITE_BUSY) when another session wrote in between.
+        sqlx::query("UPDATE instances SET observed = observed WHERE id = $1")
+            .bind(instance_id)
+            .execute(&mut *tx)
+            .await?;
         let row = sqlx::query("SELECT observed FROM instances WHERE id = $1")
             .bind(instance_id)
             .fetch_optional(&mut *tx)
