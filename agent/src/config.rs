@@ -237,6 +237,25 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_example_is_valid_and_says_the_defaults() {
+        let config = parse(include_str!("../../packaging/agent.toml")).expect("packaging/agent.toml is valid");
+        assert_eq!(config.install.health_deadline, Duration::from_secs(60));
+        assert_eq!(config.install.retention, crate::installer::DEFAULT_RETENTION);
+        assert!(!config.s3.force_path_style);
+        let custom = parse(
+            "coordinator = \"c:1\"\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nforce_path_style = true\n\
+             [install]\nhealth_deadline = \"5s\"\nretention = 1\n",
+        )
+        .expect("valid");
+        assert_eq!(custom.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
+        assert_eq!(custom.install.health_deadline, Duration::from_secs(5));
+        assert_eq!(
+            custom.install.retention, 2,
+            "current and the rollback target always stay"
+        );
+    }
+
+    #[test]
     fn mistakes_are_named() {
         for (text, needle) in [
             ("", "coordinator"),
