@@ -135,6 +135,7 @@ async fn apply(installer: &Installer, state: &pb::DesiredState, reports: &Report
             Err(error) => ("failed", clip(&error.to_string())),
         };
         tracing::info!(bundle = %release.bundle, version = %release.version, step, outcome, %message, "desired state step");
+        let activated = goal == Goal::Activate && result.is_ok();
         send(
             reports,
             AgentBody::Progress(pb::ProgressEvent {
@@ -147,6 +148,11 @@ async fn apply(installer: &Installer, state: &pb::DesiredState, reports: &Report
                 message,
             }),
         );
+        if activated {
+            // The coordinator's healthy clock starts at the first report: send one now rather
+            // than at the next round of the health loop.
+            check_and_report(installer, &release.bundle, &release.version, reports).await;
+        }
     }
 }
 
@@ -183,37 +189,43 @@ pub fn observed(installer: &Installer) -> Vec<pb::ObservedRelease> {
     releases
 }
 
+/// Runs the health checks of `version` of `bundle` once and reports the verdict.
+async fn check_and_report(installer: &Installer, bundle: &str, version: &str, reports: &Reports) -> Option<bool> {
+    let dir = installer.layout().release_dir(bundle, version);
+    let manifest = read_manifest(&dir).ok()?;
+    let log_dir = installer.layout().hook_log_dir().join(bundle);
+    let verdict = crate::health::wait_healthy(&manifest.health, &dir, &log_dir, Duration::ZERO);
+    let verdict = tokio::time::timeout(HEALTH_ROUND_DEADLINE, verdict)
+        .await
+        .unwrap_or_else(|_| Err("health checks did not finish in time".into()));
+    let healthy = verdict.is_ok();
+    send(
+        reports,
+        AgentBody::Health(pb::HealthEvent {
+            bundle: bundle.to_owned(),
+            version: version.to_owned(),
+            healthy,
+            detail: verdict.err().unwrap_or_default(),
+            observed_at_unix_ms: crate::unix_ms(std::time::SystemTime::now()),
+        }),
+    );
+    Some(healthy)
+}
+
 /// Runs the health checks of every current release, forever, reporting each
 /// result (the coordinator decides what "healthy long enough" means).
 pub async fn report_health(installer: Installer, reports: Reports) {
     let mut last: BTreeMap<String, (String, bool)> = BTreeMap::new();
     loop {
         for release in observed(&installer) {
-            let dir = installer.layout().release_dir(&release.bundle, &release.version);
-            let Ok(manifest) = read_manifest(&dir) else {
+            let Some(healthy) = check_and_report(&installer, &release.bundle, &release.version, &reports).await else {
                 continue;
             };
-            let log_dir = installer.layout().hook_log_dir().join(&release.bundle);
-            let verdict = crate::health::wait_healthy(&manifest.health, &dir, &log_dir, Duration::ZERO);
-            let verdict = tokio::time::timeout(HEALTH_ROUND_DEADLINE, verdict)
-                .await
-                .unwrap_or_else(|_| Err("health checks did not finish in time".into()));
-            let healthy = verdict.is_ok();
-            let changed = last.get(&release.bundle) != Some(&(release.version.clone(), healthy));
-            if changed {
+            let now = (release.version.clone(), healthy);
+            if last.get(&release.bundle) != Some(&now) {
                 tracing::info!(bundle = %release.bundle, version = %release.version, healthy, "health changed");
             }
-            last.insert(release.bundle.clone(), (release.version.clone(), healthy));
-            send(
-                &reports,
-                AgentBody::Health(pb::HealthEvent {
-                    bundle: release.bundle.clone(),
-                    version: release.version.clone(),
-                    healthy,
-                    detail: verdict.err().unwrap_or_default(),
-                    observed_at_unix_ms: crate::unix_ms(std::time::SystemTime::now()),
-                }),
-            );
+            last.insert(release.bundle.clone(), now);
         }
         tokio::time::sleep(HEALTH_INTERVAL).await;
     }
