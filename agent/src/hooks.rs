@@ -326,6 +326,37 @@ mod tests {
     }
 
     #[test]
+    fn a_hook_runs_as_its_run_as_user() {
+        let Ok(Some(nobody)) = User::from_name("nobody") else {
+            panic!("the test needs the standard `nobody` account");
+        };
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let hook = HookRun {
+            script: script(dir.path(), "hook.sh", "echo \"uid=$(id -u) home=$HOME\""),
+            args: Vec::new(),
+            working_dir: dir.path().to_owned(),
+            timeout: Duration::from_secs(10),
+            run_as: Some("nobody".into()),
+            env: Vec::new(),
+            log: dir.path().join("hook.log"),
+        };
+        let outcome = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(run_hook(&hook))
+            .expect("hook runs");
+        assert!(outcome.succeeded(), "{outcome:?}");
+        assert!(
+            outcome
+                .output_tail
+                .contains(&format!("uid={} home={}", nobody.uid, nobody.dir.display())),
+            "{outcome:?}"
+        );
+    }
+
+    #[test]
     fn an_unknown_run_as_user_is_an_error() {
         let dir = tempfile::tempdir().expect("temp dir");
         let hook = HookRun {
