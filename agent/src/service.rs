@@ -8,12 +8,14 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use rollwave_release::Service;
 use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
 
 use crate::layout::Layout;
 
@@ -70,11 +72,18 @@ pub struct ServiceRecord {
 pub struct Services {
     layout: Layout,
     supervision: Supervision,
+    /// Held by start, stop and each supervision pass: a pass must never see an app that
+    /// `stop` is ending as "died" and start it again behind its back.
+    changing: Arc<Mutex<()>>,
 }
 
 impl Services {
     pub fn new(layout: Layout, supervision: Supervision) -> Self {
-        Self { layout, supervision }
+        Self {
+            layout,
+            supervision,
+            changing: Arc::new(Mutex::new(())),
+        }
     }
 
     fn record_path(&self, bundle: &str) -> PathBuf {
@@ -106,7 +115,8 @@ impl Services {
 
     /// Starts `version`'s app from its release dir (stopping whatever ran for the bundle).
     pub async fn start(&self, bundle: &str, version: &str, service: &Service) -> Result<(), String> {
-        self.stop(bundle).await?;
+        let _changing = self.changing.lock().await;
+        self.stop_locked(bundle).await?;
         let release_dir = self.layout.release_dir(bundle, version);
         let mut command = service.command.clone();
         if let Some(program) = command.first_mut()
@@ -187,6 +197,14 @@ impl Services {
                     .id()
                     .and_then(|id| i32::try_from(id).ok())
                     .ok_or("the app exited at once")?;
+                // setsid(1) makes the session after the fork: until it has, the app has no
+                // process group of its own to signal. Wait for it (it takes microseconds).
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+                while nix::unistd::getpgid(Some(Pid::from_raw(pid))) != Ok(Pid::from_raw(pid))
+                    && tokio::time::Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
                 record.pid = Some(pid);
                 record.start_ticks = start_ticks(pid);
                 record.started_at_unix_ms = crate::unix_ms(std::time::SystemTime::now());
@@ -199,6 +217,11 @@ impl Services {
 
     /// Stops the bundle's app, if one runs: SIGTERM to its process group, SIGKILL after a grace period.
     pub async fn stop(&self, bundle: &str) -> Result<(), String> {
+        let _changing = self.changing.lock().await;
+        self.stop_locked(bundle).await
+    }
+
+    async fn stop_locked(&self, bundle: &str) -> Result<(), String> {
         let Some(record) = self.load(bundle) else {
             return Ok(());
         };
@@ -230,6 +253,7 @@ impl Services {
         if self.supervision != Supervision::Session {
             return;
         }
+        let _changing = self.changing.lock().await;
         let Ok(entries) = std::fs::read_dir(self.layout.state_dir().join("services")) else {
             return;
         };
