@@ -2,6 +2,7 @@
 //!
 //! See ARCHITECTURE.md for the code map and the invariants.
 
+pub mod artifact_store;
 pub mod ca;
 pub mod cli;
 pub mod demo;

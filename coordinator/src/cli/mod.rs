@@ -69,7 +69,7 @@ pub struct ConnectionArgs {
 pub enum Command {
     /// Run the coordinator: gRPC over TLS, state in DATA_DIR
     Server(ServerArgs),
-    /// Start a coordinator and local agents in a temporary directory and show them join
+    /// Run the whole job on this machine: coordinator, artifact store, agents, rolling deployments
     Demo(DemoArgs),
     /// Create, list and show stacks
     #[command(subcommand)]
@@ -138,12 +138,28 @@ pub struct ServerArgs {
     pub handshake_timeout: Duration,
 }
 
+const DEMO_HELP: &str = "\
+Everything runs in a temporary directory on loopback: a coordinator and an
+S3-compatible artifact store in this process, and real rollwave-agent
+processes in three zones. No AWS account is needed: the agents sign with the
+store's own key pair and read none of this machine's AWS settings.
+
+It builds three releases of a small /bin/sh app (1.0 and 2.0 good, 3.0
+broken), pushes them, starts the agents (they install the approved 1.0 as
+they join), rolls out 2.0 canary first and zone by zone, then 3.0, which
+fails at the canary and is switched back, and ends with the stack's status.
+It takes about half a minute. Ctrl-C stops it and cleans up.
+
+Exit codes: 0 when every step behaved as expected; 1 otherwise (the temporary
+directory, with every agent's and app's log, is then kept).";
+
 #[derive(Debug, Args)]
+#[command(after_help = DEMO_HELP)]
 pub struct DemoArgs {
     /// Number of local agents
     #[arg(long, default_value_t = 6)]
     pub agents: usize,
-    /// Keep everything running until Ctrl-C instead of cleaning up at the end
+    /// Keep everything running until Ctrl-C instead of cleaning up at the end, to try the CLI against it
     #[arg(long)]
     pub keep_running: bool,
 }
