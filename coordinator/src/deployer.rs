@@ -24,6 +24,9 @@ use crate::wishes::{self, Wish};
 #[derive(Debug, Default)]
 pub struct Deployer {
     running: Mutex<BTreeMap<String, Live>>,
+    /// The last health verdict stored per (instance, bundle): agents report every few
+    /// seconds, the store is written only when the verdict or the version changes.
+    last_health: std::sync::Mutex<BTreeMap<(String, String), (String, bool)>>,
 }
 
 /// What a deployment stores besides its row: the rollout and what it was planned from.
@@ -436,8 +439,22 @@ impl Deployer {
             since_ms: now,
             observed_at_ms: now,
         };
-        if let Err(error) = shared.store.record_health(&row).await {
+        let key = (instance_id.to_owned(), event.bundle.clone());
+        let verdict = (event.version.clone(), event.healthy);
+        let changed = {
+            let mut last = self
+                .last_health
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            last.insert(key.clone(), verdict.clone()).as_ref() != Some(&verdict)
+        };
+        if changed && let Err(error) = shared.store.record_health(&row).await {
             tracing::warn!(instance = %instance_id, %error, "cannot record health");
+            // Try again with the next report.
+            self.last_health
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(&key);
         }
         self.feed(shared, instance_id, &event.bundle, |live| {
             (event.version == live.row.version).then(|| {
@@ -556,6 +573,15 @@ async fn lost_targets(shared: &Shared, live: &Live, now: i64) -> Result<Vec<Stri
     Ok(lost)
 }
 
+/// Whether two rollout states differ only in the time of their last input.
+fn same_but_for_time(next: &Rollout, current: &Rollout) -> bool {
+    next.last_step_ms >= current.last_step_ms
+        && Rollout {
+            last_step_ms: current.last_step_ms,
+            ..next.clone()
+        } == *current
+}
+
 fn encode(record: &Record) -> Result<String, StoreError> {
     serde_json::to_string(record).map_err(|error| StoreError::Corrupt(error.to_string()))
 }
@@ -574,7 +600,11 @@ fn new_id() -> String {
 /// then sends the commands as wishes.
 async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Result<(), StoreError> {
     let (next, commands) = live.record.rollout.step(input, now);
-    if next == live.record.rollout && commands.is_empty() {
+    if commands.is_empty() && same_but_for_time(&next, &live.record.rollout) {
+        // Nothing happened (a repeated report, a quiet tick): keep the stored state as it is.
+        // After a restart the machine then counts the time since this stored state as downtime,
+        // which only moves deadlines later, never earlier.
+        live.record.rollout = next;
         return Ok(());
     }
     let was_finished = live.record.rollout.is_finished();

@@ -306,6 +306,10 @@ fn a_second_deployment_of_the_same_bundle_is_refused_while_one_runs() {
     let message = String::from_utf8_lossy(&refused.stderr);
     assert!(message.contains(&id), "names the running deployment: {message}");
 
+    let paused = fleet.cluster.coordinator.cli_json(&["deployment", "pause", &id]);
+    assert_eq!(paused["paused"], true, "{paused}");
+    let resumed = fleet.cluster.coordinator.cli_json(&["deployment", "resume", &id]);
+    assert_eq!(resumed["paused"], false, "{resumed}");
     let aborted = fleet.cluster.coordinator.try_cli(&["deployment", "abort", &id]);
     assert!(aborted.status.success(), "{}", String::from_utf8_lossy(&aborted.stderr));
     wait_for("the abort to finish", || {
@@ -313,6 +317,23 @@ fn a_second_deployment_of_the_same_bundle_is_refused_while_one_runs() {
         (shown["status"] == "aborted").then_some(())
     });
     fleet.wait_all_on("1.0");
+    // Every operator action is in the audit trail.
+    let events = fleet.cluster.coordinator.cli_json(&["event", "list", "--limit", "200"]);
+    let actions: Vec<String> = events
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|event| event.to_string().contains(&id))
+        .filter_map(|event| event["action"].as_str().map(str::to_owned))
+        .collect();
+    for action in [
+        "deployment.pause",
+        "deployment.resume",
+        "deployment.abort",
+        "deployment.aborted",
+    ] {
+        assert!(actions.iter().any(|seen| seen == action), "{action} in {actions:?}");
+    }
 }
 
 #[test]
