@@ -18,4 +18,5 @@ pub mod rollout;
 pub mod server;
 pub mod sessions;
 pub mod store;
+pub mod traffic;
 pub mod wishes;

@@ -11,3 +11,4 @@ mod s3_install;
 mod tls;
 mod tokens;
 mod tools;
+mod traffic;
