@@ -16,6 +16,7 @@ pub mod journal;
 pub mod layout;
 pub mod link;
 pub mod lock;
+pub mod notify;
 pub mod reconcile;
 pub mod service;
 
@@ -30,6 +31,7 @@ use crate::installer::Installer;
 use crate::join::{JoinError, JoinRequest};
 use crate::layout::Layout;
 use crate::lock::{LockError, StateDirLock};
+use crate::notify::{Notifier, Startup, StoppingOnDrop};
 
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
@@ -131,10 +133,43 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// Moves the agent's startup on to `Installing` and `Ready`: once the first
+/// session is in sync (see `link::run_session`), the desired state it brought,
+/// if any, must be applied (or ignored as stale) by the reconciler.
+async fn track_startup(
+    mut synced: tokio::sync::watch::Receiver<u64>,
+    desired: tokio::sync::watch::Receiver<Option<pb::DesiredState>>,
+    mut handled: tokio::sync::watch::Receiver<u64>,
+    startup: tokio::sync::watch::Sender<Startup>,
+) {
+    if synced.wait_for(|sessions| *sessions > 0).await.is_err() {
+        return;
+    }
+    let wanted = desired.borrow().as_ref().map(|state| state.epoch);
+    if let Some(epoch) = wanted {
+        startup.send_replace(Startup::Installing { epoch });
+        if handled.wait_for(|handled| *handled >= epoch).await.is_err() {
+            return;
+        }
+    }
+    tracing::info!("ready: connected and the desired state is applied");
+    startup.send_replace(Startup::Ready);
+}
+
 /// Runs the agent until a permanent error. Never returns `Ok`: callers stop it
 /// by dropping the future (on SIGTERM).
 pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let _lock = StateDirLock::acquire(&config.state_dir)?;
+    // Under systemd (Type=notify): readiness, start-timeout extensions, watchdog, STOPPING=1
+    // when this future ends or is dropped (SIGTERM). A no-op without $NOTIFY_SOCKET.
+    let notifier = Notifier::from_env();
+    let _stopping = StoppingOnDrop(notifier.clone());
+    let (startup, startup_receiver) = tokio::sync::watch::channel(Startup::Recovering);
+    let _notify = AbortOnDrop(tokio::spawn(notify::run(
+        notifier,
+        startup_receiver,
+        notify::READY_FALLBACK,
+    )));
     // Finish or roll back installs a killed agent left behind before anything else.
     let s3 = rollwave_artifacts::client(&config.s3).await;
     let installer = Installer::new(Layout::new(&config.state_dir), config.install.clone(), Some(s3));
@@ -152,10 +187,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // Desired state in from the session, reports out to it; both outlive any one session.
     let (desired, desired_receiver) = tokio::sync::watch::channel(None);
     let (reports, mut report_queue) = tokio::sync::mpsc::channel(REPORT_QUEUE);
+    let (handled, handled_receiver) = tokio::sync::watch::channel(0);
     let _reconciler = AbortOnDrop(tokio::spawn(reconcile::run(
         installer.clone(),
         desired_receiver,
         reports.clone(),
+        handled,
+    )));
+    startup.send_replace(Startup::Connecting);
+    let (synced, synced_receiver) = tokio::sync::watch::channel(0);
+    let _startup = AbortOnDrop(tokio::spawn(track_startup(
+        synced_receiver,
+        desired.subscribe(),
+        handled_receiver,
+        startup,
     )));
     let _health = AbortOnDrop(tokio::spawn(reconcile::report_health(installer.clone(), reports)));
     let (facts, instance_id) = gather_facts(&config).await;
@@ -174,6 +219,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
             reconcile::observed(&installer),
             &desired,
             &mut report_queue,
+            &synced,
         )
         .await;
         match result {

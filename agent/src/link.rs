@@ -67,6 +67,12 @@ pub async fn dial(coordinator: &str, identity: &Identity) -> Result<Channel, Ses
 
 /// Runs one session until it ends. Renews the certificate when due (saved to
 /// `tls_dir`) and returns so the next session uses it.
+///
+/// `synced` counts sessions that got their first heartbeat acknowledgement.
+/// The coordinator queues the desired state it sends with a hello before it
+/// reads any heartbeat, so by then `desired` holds it (if there is one): the
+/// agent's readiness waits for that moment (see `notify`).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_session(
     coordinator: &str,
     identity: &mut Identity,
@@ -75,6 +81,7 @@ pub async fn run_session(
     observed: Vec<pb::ObservedRelease>,
     desired: &watch::Sender<Option<pb::DesiredState>>,
     reports: &mut mpsc::Receiver<pb::AgentMessage>,
+    synced: &watch::Sender<u64>,
 ) -> Result<(), SessionError> {
     let channel = dial(coordinator, identity).await?;
     let mut client = AgentServiceClient::new(channel);
@@ -116,6 +123,7 @@ pub async fn run_session(
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut sequence: u64 = 0;
     let mut acknowledged: u64 = 0;
+    let mut announced_sync = false;
     loop {
         tokio::select! {
             _ = heartbeat.tick() => {
@@ -142,7 +150,13 @@ pub async fn run_session(
                 None => return Err(SessionError::Closed),
                 Some(Err(status)) => return Err(status.into()),
                 Some(Ok(message)) => match message.body {
-                    Some(CoordinatorBody::HeartbeatAck(ack)) => acknowledged = acknowledged.max(ack.sequence),
+                    Some(CoordinatorBody::HeartbeatAck(ack)) => {
+                        if !announced_sync {
+                            announced_sync = true;
+                            synced.send_modify(|sessions| *sessions += 1);
+                        }
+                        acknowledged = acknowledged.max(ack.sequence);
+                    }
                     Some(CoordinatorBody::DesiredState(state)) => {
                         tracing::info!(epoch = state.epoch, deployment = %state.deployment_id, "desired state received");
                         desired.send_replace(Some(state));

@@ -71,8 +71,15 @@ fn source_of(release: &pb::ReleaseRef) -> Source {
     }
 }
 
-/// Applies desired states as they arrive, until `desired` closes.
-pub async fn run(installer: Installer, mut desired: watch::Receiver<Option<pb::DesiredState>>, reports: Reports) {
+/// Applies desired states as they arrive, until `desired` closes. `handled`
+/// holds the highest epoch applied (or ignored as stale) by this process, for
+/// the agent's readiness.
+pub async fn run(
+    installer: Installer,
+    mut desired: watch::Receiver<Option<pb::DesiredState>>,
+    reports: Reports,
+    handled: watch::Sender<u64>,
+) {
     let mut applied = load_applied(&installer);
     loop {
         let state = desired.borrow_and_update().clone();
@@ -90,6 +97,7 @@ pub async fn run(installer: Installer, mut desired: watch::Receiver<Option<pb::D
                     save_applied(&installer, &applied);
                 }
             }
+            handled.send_modify(|epoch| *epoch = (*epoch).max(state.epoch));
         }
         if desired.changed().await.is_err() {
             return;

@@ -5,6 +5,7 @@ mod demo;
 mod deployments;
 mod install;
 mod joining;
+mod packaging;
 mod releases;
 mod restart;
 mod s3_install;
