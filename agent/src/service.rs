@@ -184,6 +184,10 @@ impl Services {
                     .arg("--")
                     .args(&record.command)
                     .current_dir(&record.working_dir)
+                    // The agent's readiness socket is the agent's alone.
+                    .env_remove("NOTIFY_SOCKET")
+                    .env_remove("WATCHDOG_USEC")
+                    .env_remove("WATCHDOG_PID")
                     .env("ROLLWAVE_BUNDLE", &record.bundle)
                     .env("ROLLWAVE_VERSION", &record.version)
                     .envs(&record.environment)
