@@ -525,6 +525,7 @@ fn rolling(agents: usize) -> pb::DeploymentOptions {
         healthy_deadline_ms: millis(HEALTHY_DEADLINE),
         progress_deadline_ms: millis(PROGRESS_DEADLINE),
         rollback_on_failure: Some(true),
+        drain: None,
     }
 }
 

@@ -3,14 +3,17 @@
 //! operator actions, persists every new state before acting on it, turns its
 //! commands into instance wishes ([`crate::wishes`]), approves the release
 //! when a deployment succeeds, and resumes running deployments after a
-//! coordinator restart.
+//! coordinator restart. Drain and undrain commands go to the stack's traffic
+//! provider instead of an agent: queued as [`TrafficJob`]s, carried out by
+//! [`run_traffic_jobs`], their outcome fed back as reports.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use rollwave_proto::v1 as pb;
 use serde::{Deserialize, Serialize};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
 
 use crate::grpc::Shared;
 use crate::model::unix_ms;
@@ -18,15 +21,42 @@ use crate::planner::{self, Candidate, Health, Plan, Strategy, WaveKind};
 use crate::presence::Presence;
 use crate::rollout::{Action, Input, InstanceState, Phase, Report, Rollout, RolloutError, RolloutOptions};
 use crate::store::{DeploymentRow, StoreError};
+use crate::traffic::{self, DrainOutcome, TrafficSettings, TrafficTarget};
 use crate::wishes::{self, Wish};
 
 /// Running deployments, by id; one lock so every step is taken in order.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Deployer {
     running: Mutex<BTreeMap<String, Live>>,
     /// The last health verdict stored per (instance, bundle): agents report every few
     /// seconds, the store is written only when the verdict or the version changes.
     last_health: std::sync::Mutex<BTreeMap<(String, String), (String, bool)>>,
+    /// Drains and undrains for [`run_traffic_jobs`]; queued after the step that issued them is stored.
+    traffic_jobs: mpsc::UnboundedSender<TrafficJob>,
+    traffic_queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<TrafficJob>>>,
+}
+
+impl Default for Deployer {
+    fn default() -> Self {
+        let (traffic_jobs, queue) = mpsc::unbounded_channel();
+        Deployer {
+            running: Mutex::default(),
+            last_health: std::sync::Mutex::default(),
+            traffic_jobs,
+            traffic_queue: std::sync::Mutex::new(Some(queue)),
+        }
+    }
+}
+
+/// One drain or undrain to carry out for a deployment.
+#[derive(Debug, Clone)]
+pub struct TrafficJob {
+    deployment: String,
+    epoch: u64,
+    action: Action,
+    instance: String,
+    /// The provider of the instance's layer, if the stack has one for it, and the instance's name there.
+    via: Option<(TrafficSettings, Result<TrafficTarget, String>)>,
 }
 
 /// What a deployment stores besides its row: the rollout and what it was planned from.
@@ -39,6 +69,9 @@ pub struct Record {
     pub previous: Option<String>,
     /// How it ended, in words.
     pub reason: Option<String>,
+    /// The stack's traffic settings when it started, by layer, when it drains.
+    #[serde(default)]
+    pub traffic: BTreeMap<String, TrafficSettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -63,6 +96,10 @@ pub enum DeployError {
     NotFound(String),
     #[error("deployment {id} is {status}; only a running deployment can be {action}d")]
     NotRunning { id: String, status: String, action: String },
+    #[error(
+        "stack {stack} has no traffic provider to drain instances from; set one with `rollwave traffic set {stack} ...`, or deploy without --drain"
+    )]
+    NoTrafficProvider { stack: String },
 }
 
 /// What an operator asked for.
@@ -75,12 +112,16 @@ pub struct DeploymentRequest {
     pub options: RolloutOptions,
     pub failure_threshold: planner::Amount,
     pub plan_only: bool,
+    /// `None`: drain when the stack has a traffic provider.
+    pub drain: Option<bool>,
 }
 
 /// What creating a deployment produced.
 #[derive(Debug, Clone)]
 pub struct Created {
     pub plan: Plan,
+    /// How instances are drained, per layer with settings, in words; empty when they are not.
+    pub drain: Vec<String>,
     pub deployment: Option<pb::Deployment>,
 }
 
@@ -132,6 +173,7 @@ fn phase_name(rollout: &Rollout) -> String {
         Phase::Succeeded => "succeeded".into(),
         Phase::Failed { .. } => "failed".into(),
         Phase::Aborted { .. } => "aborted".into(),
+        Phase::Finishing { .. } => "returning traffic".into(),
     }
 }
 
@@ -148,7 +190,7 @@ fn instance_state(rollout: &Rollout, instance: &str) -> (String, String) {
                 InstanceState::Failed { reason, .. } | InstanceState::SwitchBackFailed { reason } => reason.clone(),
                 _ => String::new(),
             };
-            (target.state.label().to_owned(), detail)
+            (target.label().to_owned(), detail)
         }
     }
 }
@@ -231,8 +273,37 @@ impl Deployer {
         } else {
             planner::plan(&candidates, &request.strategy)?
         };
+        let stack_traffic = shared.store.traffic(&request.stack).await?;
+        let drain = match request.drain {
+            Some(true) if stack_traffic.is_empty() => {
+                return Err(DeployError::NoTrafficProvider {
+                    stack: request.stack.clone(),
+                });
+            }
+            Some(drain) => drain,
+            None => !stack_traffic.is_empty() && !plan.waves.is_empty(),
+        };
+        let traffic = if drain { stack_traffic } else { BTreeMap::new() };
+        let drain_lines: Vec<String> = traffic
+            .iter()
+            .map(|(layer, settings)| {
+                let whose = if layer.is_empty() {
+                    "each instance".to_owned()
+                } else {
+                    format!("each instance of layer {layer}")
+                };
+                format!(
+                    "{whose} is drained ({}) before it is activated and returned once healthy",
+                    settings.describe()
+                )
+            })
+            .collect();
         if request.plan_only {
-            return Ok(Created { plan, deployment: None });
+            return Ok(Created {
+                plan,
+                drain: drain_lines,
+                deployment: None,
+            });
         }
         let mut running = self.running.lock().await;
         if let Some(live) = running
@@ -254,6 +325,7 @@ impl Deployer {
             .unwrap_or(u32::MAX);
         let mut options = request.options.clone();
         options.failure_threshold = request.failure_threshold.of(targets);
+        options.drain = drain;
         let previous = shared
             .store
             .approved(&request.stack)
@@ -271,6 +343,7 @@ impl Deployer {
             wave_labels: plan.waves.iter().map(|wave| wave_label(&wave.kind)).collect(),
             previous,
             reason: None,
+            traffic,
         };
         let row = DeploymentRow {
             id: id.clone(),
@@ -304,6 +377,7 @@ impl Deployer {
         }
         Ok(Created {
             plan,
+            drain: drain_lines,
             deployment: Some(view),
         })
     }
@@ -544,6 +618,51 @@ impl Deployer {
             .collect()
     }
 
+    /// The traffic provider's answer to a drain or undrain of deployment `id`.
+    pub async fn on_traffic(&self, shared: &Shared, id: &str, epoch: u64, instance: &str, report: Report) {
+        let now = now_ms();
+        let mut running = self.running.lock().await;
+        let Some(live) = running.get_mut(id) else {
+            return; // finished meanwhile
+        };
+        if live.record.rollout.epoch != epoch {
+            return;
+        }
+        let input = Input::Report {
+            instance: instance.to_owned(),
+            report,
+        };
+        if let Err(error) = advance(shared, live, input, now).await {
+            tracing::error!(deployment = %id, %error, "cannot advance the deployment");
+        }
+        if live.record.rollout.is_finished() {
+            running.remove(id);
+        }
+    }
+
+    /// Instances of `stack` that deployments took out of the load balancer and have not returned
+    /// (yet), as "instance: why (deployment id)"; from the latest deployment of each bundle.
+    pub async fn out_of_service(&self, shared: &Shared, stack: &str) -> Result<Vec<String>, DeployError> {
+        let rows = shared.store.list_deployments(Some(stack), false).await?;
+        let running = self.running.lock().await;
+        let mut seen_bundles = BTreeSet::new();
+        let mut lines = Vec::new();
+        for row in rows {
+            let rollout = match running.get(&row.id) {
+                Some(live) => live.record.rollout.clone(),
+                None => decode(&row.state)?.rollout,
+            };
+            // Rows come newest first; an older deployment of the same bundle is history.
+            if !seen_bundles.insert(row.bundle.clone()) {
+                continue;
+            }
+            for (instance, why) in rollout.out_of_service() {
+                lines.push(format!("{instance}: {why} (deployment {})", row.id));
+            }
+        }
+        Ok(lines)
+    }
+
     /// The running deployment of `stack` and `bundle`, if any.
     pub async fn running_id(&self, stack: &str, bundle: &str) -> Option<String> {
         self.running
@@ -632,6 +751,10 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
 
     for command in commands {
         let instance = &command.instance;
+        if command.action.is_traffic() {
+            queue_traffic_job(shared, live, &command).await;
+            continue;
+        }
         let Ok(instance_record) = shared.store.get_instance(instance).await else {
             // Removed meanwhile: its loss is the rollout's business.
             continue;
@@ -692,7 +815,118 @@ fn apply_change(wish: &mut Wish, live: &Live, change: Action) {
                 }
             }
         }
+        // Carried out by the traffic provider (see `queue_traffic_job`).
+        Action::Drain | Action::Undrain => {}
     }
+}
+
+/// Queues a drain or undrain for [`run_traffic_jobs`], with the provider of the instance's layer
+/// and its name there.
+async fn queue_traffic_job(shared: &Shared, live: &Live, command: &crate::rollout::Command) {
+    let via = match shared.store.get_instance(&command.instance).await {
+        // Removed meanwhile: nothing can name it; the provider is told nothing and the rollout goes on.
+        Err(_) => None,
+        Ok(record) => traffic::for_layer(&live.record.traffic, &record.facts.layer).map(|settings| {
+            let target = settings
+                .target_of(&command.instance, &record.facts)
+                .map_err(|error| error.to_string());
+            (settings.clone(), target)
+        }),
+    };
+    let job = TrafficJob {
+        deployment: live.row.id.clone(),
+        epoch: live.record.rollout.epoch,
+        action: command.action,
+        instance: command.instance.clone(),
+        via,
+    };
+    if shared.deployer.traffic_jobs.send(job).is_err() {
+        tracing::error!(deployment = %live.row.id, "the traffic worker is gone; the drain waits for its deadline");
+    }
+}
+
+/// Carries out queued drains and undrains, each in its own task (a wave's instances drain at the
+/// same time), and feeds each outcome back to its deployment. Runs for the coordinator's life.
+pub async fn run_traffic_jobs(shared: Arc<Shared>) {
+    let queue = shared
+        .deployer
+        .traffic_queue
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let Some(mut queue) = queue else {
+        tracing::error!("the traffic worker was started twice");
+        return;
+    };
+    while let Some(job) = queue.recv().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let report = carry_out(&shared, &job).await;
+            shared
+                .deployer
+                .on_traffic(&shared, &job.deployment, job.epoch, &job.instance, report)
+                .await;
+        });
+    }
+}
+
+/// Drains or undrains one instance; the report says how it went. Every failure names the
+/// instance, the provider and what to check.
+async fn carry_out(shared: &Shared, job: &TrafficJob) -> Report {
+    let draining = job.action == Action::Drain;
+    let failed = |message: String| {
+        if draining {
+            Report::DrainFailed(message)
+        } else {
+            Report::UndrainFailed(message)
+        }
+    };
+    let Some((settings, target)) = &job.via else {
+        // Not behind this stack's load balancer (no settings for its layer): nothing to do.
+        return if draining { Report::Drained } else { Report::Undrained };
+    };
+    let target = match target {
+        Ok(target) => target,
+        Err(error) => return failed(error.clone()),
+    };
+    let provider = match settings.provider().await {
+        Ok(provider) => provider,
+        Err(error) => return failed(error.to_string()),
+    };
+    let (report, outcome, detail) = if draining {
+        match provider.drain(target, settings.drain_timeout()).await {
+            Ok(DrainOutcome::Drained { waited }) => (Report::Drained, "ok", format!("drained in {waited:?}")),
+            Ok(DrainOutcome::TimedOut {
+                waited,
+                remaining_sessions,
+            }) => {
+                let sessions = remaining_sessions.map_or_else(String::new, |count| format!(", {count} sessions left"));
+                (
+                    Report::Drained,
+                    "timed out",
+                    format!("drain timeout passed after {waited:?}{sessions}; out of service anyway"),
+                )
+            }
+            Err(error) => (failed(error.to_string()), "failed", error.to_string()),
+        }
+    } else {
+        match provider.undrain(target).await {
+            Ok(()) => (Report::Undrained, "ok", String::new()),
+            Err(error) => (failed(error.to_string()), "failed", error.to_string()),
+        }
+    };
+    let action = if draining { "traffic.drain" } else { "traffic.undrain" };
+    tracing::info!(deployment = %job.deployment, instance = %job.instance, %target, outcome, %detail, "{action}");
+    shared
+        .audit(
+            "coordinator",
+            action,
+            &job.instance,
+            outcome,
+            format!("{target}; deployment {}; {detail}", job.deployment),
+        )
+        .await;
+    report
 }
 
 /// The protobuf view of a deployment.
@@ -720,6 +954,7 @@ fn view(live: &Live) -> pb::Deployment {
                             instance_id: instance.clone(),
                             state,
                             detail,
+                            traffic: traffic_of(rollout, instance),
                         }
                     })
                     .collect(),
@@ -747,4 +982,14 @@ fn view(live: &Live) -> pb::Deployment {
         updated_at_unix_ms: live.row.updated_at_ms,
         reason: live.record.reason.clone().unwrap_or_default(),
     }
+}
+
+/// The load balancer's view of one target for views: empty while in service.
+fn traffic_of(rollout: &Rollout, instance: &str) -> String {
+    rollout
+        .out_of_service()
+        .into_iter()
+        .find(|(name, _)| name == instance)
+        .map(|(_, why)| why)
+        .unwrap_or_default()
 }

@@ -93,6 +93,10 @@ pub struct RolloutOptions {
     pub bake_ms: i64,
     /// Whether a failed deployment switches back the instances it activated.
     pub rollback_on_failure: bool,
+    /// Whether each instance is drained from the stack's load balancer before it is activated, and returned once it
+    /// is healthy (set when the stack has a traffic provider, unless the operator said `--no-drain`).
+    #[serde(default)]
+    pub drain: bool,
 }
 
 impl Default for RolloutOptions {
@@ -104,6 +108,7 @@ impl Default for RolloutOptions {
             progress_deadline_ms: DEFAULT_PROGRESS_DEADLINE_MS,
             bake_ms: 0,
             rollback_on_failure: true,
+            drain: false,
         }
     }
 }
@@ -160,6 +165,10 @@ pub struct Rollout {
     /// (an agent that is down must not hold the whole deployment until the progress deadline).
     #[serde(default)]
     pub preparing_since_ms: Option<i64>,
+    /// The first error of the traffic provider (a drain or an undrain that failed or never answered): it halts the
+    /// deployment, whatever the failure threshold says.
+    #[serde(default)]
+    pub traffic_failure: Option<String>,
 }
 
 /// One instance the deployment targets.
@@ -169,6 +178,55 @@ pub struct Target {
     pub wave: usize,
     /// Where it stands; [`InstanceState::label`] names it for status views.
     pub state: InstanceState,
+    /// Where it stands with the load balancer; only a deployment that drains moves it out of service.
+    #[serde(default)]
+    pub traffic: Traffic,
+}
+
+impl Target {
+    /// The state's label, or the traffic step in flight ("draining", "undraining"), for status views.
+    pub fn label(&self) -> &'static str {
+        match self.traffic {
+            Traffic::Draining { .. } => "draining",
+            Traffic::Undraining { .. } => "undraining",
+            _ => self.state.label(),
+        }
+    }
+}
+
+/// Where a target stands with the stack's load balancer.
+///
+/// ```text
+/// InService ──Drain, when its wave starts──▶ Draining ──drained (or the drain failed)──▶ Drained
+/// Drained ──Undrain, once healthy again (or at the end)──▶ Undraining ──undrained──▶ InService
+///                                                             └──undrain failed or no answer──▶ LeftDrained
+/// ```
+///
+/// A drained instance is returned once the agent reports it healthy on the release (or back on the previous one
+/// after a switch back), and otherwise when the deployment ends: the load balancer's own health checks then decide
+/// whether it takes traffic. Only instances whose switch back failed, which may still run a release that failed,
+/// stay drained on purpose; status views list them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Traffic {
+    /// Takes traffic as usual (or the deployment does not drain).
+    #[default]
+    InService,
+    /// Drain sent at `since_ms`; the provider has not answered yet.
+    Draining { since_ms: i64 },
+    /// Out of the load balancer's rotation (or, after a failed drain, possibly so).
+    Drained,
+    /// Undrain sent at `since_ms`; the provider has not answered yet.
+    Undraining { since_ms: i64 },
+    /// The provider could not put it back; it stays out of rotation until an operator acts.
+    LeftDrained { reason: String },
+}
+
+impl Traffic {
+    /// Whether a drain or an undrain is in flight.
+    fn is_moving(&self) -> bool {
+        matches!(self, Traffic::Draining { .. } | Traffic::Undraining { .. })
+    }
 }
 
 /// Where one target stands in this deployment.
@@ -254,13 +312,15 @@ impl InstanceState {
 }
 
 /// Labels in lifecycle order, for counting in summaries.
-const LABEL_ORDER: [&str; 11] = [
+const LABEL_ORDER: [&str; 13] = [
     "pending",
     "preparing",
     "prepared",
+    "draining",
     "activating",
     "activated",
     "healthy",
+    "undraining",
     "settled",
     "failed",
     "switching back",
@@ -304,6 +364,8 @@ pub enum Phase {
     },
     /// An operator aborted; `switch_back_failed` as for `Failed`.
     Aborted { switch_back_failed: Vec<String> },
+    /// Done but for the load balancer: returning drained instances (see [`Traffic`]) before ending as `outcome`.
+    Finishing { outcome: Box<Phase> },
 }
 
 /// Why a deployment is rolling back.
@@ -336,6 +398,14 @@ pub enum Report {
     SwitchedBack,
     /// Switching back failed; the instance may still run the release.
     SwitchBackFailed(String),
+    /// The traffic provider took the instance out of rotation.
+    Drained,
+    /// The traffic provider failed to drain the instance; it may be out of rotation.
+    DrainFailed(String),
+    /// The traffic provider put the instance back into rotation.
+    Undrained,
+    /// The traffic provider failed to put the instance back.
+    UndrainFailed(String),
 }
 
 /// Everything that can happen to a deployment.
@@ -385,6 +455,17 @@ pub enum Action {
     Activate,
     /// If running this epoch's release, return to the previous one; either way report switched back.
     SwitchBack,
+    /// For the traffic provider, not the agent: take the instance out of the load balancer's rotation.
+    Drain,
+    /// For the traffic provider, not the agent: put the instance back into rotation.
+    Undrain,
+}
+
+impl Action {
+    /// Whether the traffic provider carries this out (rather than the instance's agent).
+    pub fn is_traffic(self) -> bool {
+        matches!(self, Action::Drain | Action::Undrain)
+    }
 }
 
 impl Rollout {
@@ -403,6 +484,7 @@ impl Rollout {
                 let target = Target {
                     wave: index,
                     state: InstanceState::Pending,
+                    traffic: Traffic::InService,
                 };
                 if let Some(earlier) = targets.insert(instance.clone(), target) {
                     return Err(RolloutError::DuplicateTarget {
@@ -425,6 +507,7 @@ impl Rollout {
             paused_since_ms: None,
             last_step_ms: now_ms,
             preparing_since_ms: None,
+            traffic_failure: None,
         })
     }
 
@@ -467,19 +550,50 @@ impl Rollout {
     /// The commands issued and not yet answered, marked as re-sends: while going forward, Prepare to targets
     /// still preparing and Activate to instances of the current wave that have not reported the switch; while
     /// rolling back, SwitchBack to those still switching back (an unfinished Prepare or Activate is not pushed
-    /// again then). Useful too when one agent reconnects.
+    /// again then); and in any unfinished phase, Drain and Undrain the traffic provider has not answered. Useful
+    /// too when one agent reconnects.
     pub fn outstanding(&self) -> Vec<Command> {
+        if self.is_finished() {
+            return Vec::new();
+        }
         let going_forward = matches!(self.phase, Phase::Preparing | Phase::Wave { .. });
         let rolling_back = matches!(self.phase, Phase::RollingBack { .. });
+        let mut commands = Vec::new();
+        for (instance, target) in self.instances_in_wave_order() {
+            match target.traffic {
+                Traffic::Draining { .. } => commands.push(self.command(instance, Action::Drain, true)),
+                Traffic::Undraining { .. } => commands.push(self.command(instance, Action::Undrain, true)),
+                _ => {}
+            }
+            let action = match target.state {
+                InstanceState::Preparing if going_forward => Action::Prepare,
+                InstanceState::Activating { .. } if going_forward => Action::Activate,
+                InstanceState::SwitchingBack { .. } if rolling_back => Action::SwitchBack,
+                _ => continue,
+            };
+            commands.push(self.command(instance, action, true));
+        }
+        commands
+    }
+
+    /// Instances the load balancer is not (or may not be) sending traffic to, with why: drained by this deployment
+    /// and not yet returned, or left drained.
+    pub fn out_of_service(&self) -> Vec<(String, String)> {
         self.instances_in_wave_order()
             .filter_map(|(instance, target)| {
-                let action = match target.state {
-                    InstanceState::Preparing if going_forward => Action::Prepare,
-                    InstanceState::Activating { .. } if going_forward => Action::Activate,
-                    InstanceState::SwitchingBack { .. } if rolling_back => Action::SwitchBack,
-                    _ => return None,
+                let why = match &target.traffic {
+                    Traffic::InService => return None,
+                    Traffic::Draining { .. } => "draining".to_owned(),
+                    Traffic::Undraining { .. } => "being returned".to_owned(),
+                    Traffic::Drained => match &target.state {
+                        InstanceState::SwitchBackFailed { reason } => {
+                            format!("left drained: the switch back failed ({reason})")
+                        }
+                        _ => "drained".to_owned(),
+                    },
+                    Traffic::LeftDrained { reason } => format!("left drained: {reason}"),
                 };
-                Some(self.command(instance, action, true))
+                Some((instance.to_owned(), why))
             })
             .collect()
     }
@@ -521,12 +635,9 @@ impl Rollout {
                 self.targets.len(),
                 self.waves.len()
             ),
-            Phase::Preparing => format!(
-                "preparing: {}; {failures}{paused}",
-                count_states(self.targets.values().map(|target| &target.state))
-            ),
+            Phase::Preparing => format!("preparing: {}; {failures}{paused}", count_states(self.targets.values())),
             Phase::Wave { index, bake_until_ms } => {
-                let states = count_states(self.wave_targets(*index).map(|target| &target.state));
+                let states = count_states(self.wave_targets(*index));
                 let next = match bake_until_ms {
                     None => String::new(),
                     Some(bake_until_ms) if self.last_step_ms < *bake_until_ms => {
@@ -549,12 +660,11 @@ impl Rollout {
                     Cause::Failure { reason } => format!("failed: {reason}"),
                     Cause::Abort => "aborted".to_owned(),
                 };
-                let states = count_states(
-                    self.targets
-                        .values()
-                        .map(|target| &target.state)
-                        .filter(|state| state.needs_switch_back() || is_switch_back_state(state)),
-                );
+                let states = count_states(self.targets.values().filter(|target| {
+                    target.state.needs_switch_back()
+                        || is_switch_back_state(&target.state)
+                        || target.traffic.is_moving()
+                }));
                 let held = if self.is_paused() {
                     " (paused: switch backs wait for resume or abort)"
                 } else {
@@ -572,6 +682,22 @@ impl Rollout {
                 switch_back_failed,
             } => format!("failed: {reason}{}", self.aftermath(switch_back_failed)),
             Phase::Aborted { switch_back_failed } => format!("aborted{}", self.aftermath(switch_back_failed)),
+            Phase::Finishing { outcome } => {
+                let then = match outcome.as_ref() {
+                    Phase::Succeeded => "succeed",
+                    Phase::Aborted { .. } => "end aborted",
+                    _ => "end failed",
+                };
+                let returning = self
+                    .targets
+                    .values()
+                    .filter(|target| target.traffic != Traffic::InService && self.may_return(target))
+                    .count();
+                format!(
+                    "returning {} to the load balancer, then to {then}{paused}",
+                    count_of(returning, "instance", "instances")
+                )
+            }
         }
     }
 
@@ -588,6 +714,11 @@ impl Rollout {
         let left = self.count(InstanceState::needs_switch_back);
         if left > 0 {
             parts.push(format!("{left} may still run the release (no rollback)"));
+        }
+        let drained = self.out_of_service();
+        if !drained.is_empty() {
+            let names: Vec<&str> = drained.iter().map(|(instance, _)| instance.as_str()).collect();
+            parts.push(format!("left out of the load balancer: {}", names.join(", ")));
         }
         parts.iter().map(|part| format!("; {part}")).collect()
     }
@@ -630,8 +761,8 @@ impl Rollout {
                     self.phase = Phase::RollingBack { cause: Cause::Abort };
                     self.paused_since_ms = None;
                 }
-                // Already rolling back (perhaps held by a pause): let the switch backs go out, keep the cause.
-                Phase::RollingBack { .. } => self.paused_since_ms = None,
+                // Already rolling back or returning traffic (perhaps held by a pause): let the commands go out.
+                Phase::RollingBack { .. } | Phase::Finishing { .. } => self.paused_since_ms = None,
                 Phase::Succeeded | Phase::Failed { .. } | Phase::Aborted { .. } => {}
             },
             Input::Restarted => self.restart(now_ms, commands),
@@ -642,6 +773,13 @@ impl Rollout {
         let Some(target) = self.targets.get(instance) else {
             return; // not a target of this deployment
         };
+        if matches!(
+            report,
+            Report::Drained | Report::DrainFailed(_) | Report::Undrained | Report::UndrainFailed(_)
+        ) {
+            self.record_traffic(instance, report, now_ms);
+            return;
+        }
         let next = match (&target.state, report) {
             (InstanceState::Preparing, Report::Prepared) => InstanceState::Prepared,
             (InstanceState::Preparing, Report::PrepareFailed(message)) => InstanceState::Failed {
@@ -708,6 +846,33 @@ impl Rollout {
         self.set_state(instance, next, now_ms, true);
     }
 
+    /// The traffic provider's answer about `instance`. A failure halts the deployment (see [`Rollout::step`]); a
+    /// failed drain counts the instance as drained, so that it is returned like any other.
+    fn record_traffic(&mut self, instance: &str, report: Report, now_ms: i64) {
+        let Some(target) = self.targets.get_mut(instance) else {
+            return;
+        };
+        let (next, failure) = match (&target.traffic, report) {
+            (Traffic::Draining { .. }, Report::Drained) => (Traffic::Drained, None),
+            (Traffic::Draining { .. }, Report::DrainFailed(message)) => {
+                (Traffic::Drained, Some(format!("draining {instance} failed: {message}")))
+            }
+            (Traffic::Undraining { .. }, Report::Undrained) => (Traffic::InService, None),
+            (Traffic::Undraining { .. }, Report::UndrainFailed(message)) => (
+                Traffic::LeftDrained {
+                    reason: message.clone(),
+                },
+                Some(format!("returning {instance} to the load balancer failed: {message}")),
+            ),
+            _ => return, // stale or repeated
+        };
+        target.traffic = next;
+        if let Some(failure) = failure {
+            self.traffic_failure.get_or_insert(failure);
+        }
+        self.last_progress_ms = now_ms;
+    }
+
     fn record_loss(&mut self, instance: &str, now_ms: i64) {
         let Some(target) = self.targets.get(instance) else {
             return;
@@ -749,6 +914,7 @@ impl Rollout {
             Target {
                 wave,
                 state: InstanceState::Pending,
+                traffic: Traffic::InService,
             },
         );
     }
@@ -770,6 +936,9 @@ impl Rollout {
             *bake_until_ms = bake_until_ms.saturating_add(downtime_ms);
         }
         for target in self.targets.values_mut() {
+            if let Traffic::Draining { since_ms } | Traffic::Undraining { since_ms } = &mut target.traffic {
+                *since_ms = since_ms.saturating_add(downtime_ms);
+            }
             match &mut target.state {
                 InstanceState::Activating { since_ms } | InstanceState::SwitchingBack { since_ms } => {
                     *since_ms = since_ms.saturating_add(downtime_ms);
@@ -865,6 +1034,28 @@ impl Rollout {
         for (instance, state, progress) in due {
             self.set_state(&instance, state, now_ms, progress);
         }
+        let silent: Vec<(String, Report)> = self
+            .targets
+            .iter()
+            .filter_map(|(instance, target)| {
+                let message = format!(
+                    "no answer from the traffic provider within {}",
+                    format_ms(healthy_deadline_ms)
+                );
+                match target.traffic {
+                    Traffic::Draining { since_ms } if now_ms >= since_ms.saturating_add(healthy_deadline_ms) => {
+                        Some((instance.clone(), Report::DrainFailed(message)))
+                    }
+                    Traffic::Undraining { since_ms } if now_ms >= since_ms.saturating_add(healthy_deadline_ms) => {
+                        Some((instance.clone(), Report::UndrainFailed(message)))
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        for (instance, report) in silent {
+            self.record_traffic(&instance, report, now_ms);
+        }
     }
 
     /// Makes at most one phase transition; returns whether it did.
@@ -885,6 +1076,10 @@ impl Rollout {
                 self.fail(reason);
                 return true;
             }
+            if let Some(failure) = self.traffic_failure.clone() {
+                self.fail(format!("traffic provider: {failure}"));
+                return true;
+            }
             if self.is_stalled(now_ms) {
                 self.fail(format!(
                     "stalled: no progress for {}",
@@ -894,10 +1089,24 @@ impl Rollout {
             }
             if !self.is_paused() {
                 self.send_prepares(now_ms, commands);
+                self.activate_drained(now_ms, commands);
             }
+        }
+        if !self.is_finished() && !self.is_paused() {
+            self.send_undrains(now_ms, commands);
         }
         match self.phase.clone() {
             Phase::Created | Phase::Succeeded | Phase::Failed { .. } | Phase::Aborted { .. } => false,
+            Phase::Finishing { outcome } => {
+                let waiting = self.targets.values().any(|target| {
+                    target.traffic.is_moving() || (target.traffic == Traffic::Drained && self.may_return(target))
+                });
+                if waiting {
+                    return false;
+                }
+                self.phase = *outcome;
+                true
+            }
             Phase::Preparing => {
                 let prepare_deadline_passed = self
                     .preparing_since_ms
@@ -932,7 +1141,7 @@ impl Rollout {
                     return false;
                 }
                 if self.waves.is_empty() {
-                    self.phase = Phase::Succeeded;
+                    self.finish(Phase::Succeeded);
                 } else {
                     self.start_wave(0, now_ms, commands);
                 }
@@ -942,11 +1151,15 @@ impl Rollout {
                 index,
                 bake_until_ms: None,
             } => {
+                // Settled or failed, and back in the load balancer if settled: a wave that leaves capacity out
+                // is not done. (Failed instances that may run the release are returned at the end.)
                 let settled = self.wave_targets(index).all(|target| {
-                    matches!(
-                        target.state,
-                        InstanceState::Settled { .. } | InstanceState::Failed { .. }
-                    )
+                    !target.traffic.is_moving()
+                        && match target.state {
+                            InstanceState::Settled { .. } => target.traffic == Traffic::InService,
+                            InstanceState::Failed { .. } => true,
+                            _ => false,
+                        }
                 });
                 if !settled {
                     return false;
@@ -965,8 +1178,8 @@ impl Rollout {
                 if now_ms < bake_until_ms {
                     false
                 } else if index + 1 == self.waves.len() {
-                    // No command goes out, so a pause does not hold this back.
-                    self.phase = Phase::Succeeded;
+                    // No agent command goes out, so a pause does not hold this back (returning traffic waits for it).
+                    self.finish(Phase::Succeeded);
                     true
                 } else if !self.is_paused()
                     && self
@@ -994,29 +1207,114 @@ impl Rollout {
                     .filter(|(_, target)| matches!(target.state, InstanceState::SwitchBackFailed { .. }))
                     .map(|(instance, _)| instance.to_owned())
                     .collect();
-                self.phase = match cause {
+                self.finish(match cause {
                     Cause::Failure { reason } => Phase::Failed {
                         reason,
                         switch_back_failed,
                     },
                     Cause::Abort => Phase::Aborted { switch_back_failed },
-                };
+                });
                 true
             }
         }
     }
 
     fn fail(&mut self, reason: String) {
-        self.phase = if self.options.rollback_on_failure {
-            Phase::RollingBack {
+        if self.options.rollback_on_failure {
+            self.phase = Phase::RollingBack {
                 cause: Cause::Failure { reason },
-            }
+            };
         } else {
-            Phase::Failed {
+            self.finish(Phase::Failed {
                 reason,
                 switch_back_failed: Vec::new(),
+            });
+        }
+    }
+
+    /// Ends as `outcome`, after returning drained instances to the load balancer if there are any.
+    fn finish(&mut self, outcome: Phase) {
+        let returning = self
+            .targets
+            .values()
+            .any(|target| target.traffic.is_moving() || target.traffic == Traffic::Drained);
+        self.phase = if returning {
+            Phase::Finishing {
+                outcome: Box::new(outcome),
             }
+        } else {
+            outcome
         };
+    }
+
+    /// Whether a drained target may go back into the load balancer now: healthy on the release, or back on the
+    /// previous release, or never switched; anything else only once the deployment finishes (a rollback switches
+    /// failed instances back first); never an instance whose switch back failed.
+    fn may_return(&self, target: &Target) -> bool {
+        let going_forward = matches!(self.phase, Phase::Preparing | Phase::Wave { .. });
+        if matches!(self.phase, Phase::Finishing { .. }) {
+            // Nothing will change on the instance any more: back it goes (its load balancer's own health checks
+            // then decide), unless it may run a release that failed and could not be switched back.
+            return !matches!(target.state, InstanceState::SwitchBackFailed { .. });
+        }
+        match target.state {
+            InstanceState::Activated {
+                healthy_since_ms: Some(_),
+                ..
+            }
+            | InstanceState::Settled { .. }
+            | InstanceState::SwitchedBack
+            | InstanceState::Failed {
+                needs_switch_back: false,
+                ..
+            } => true,
+            InstanceState::Pending | InstanceState::Preparing | InstanceState::Prepared => !going_forward,
+            InstanceState::Activating { .. }
+            | InstanceState::Failed {
+                needs_switch_back: true,
+                ..
+            }
+            | InstanceState::Activated {
+                healthy_since_ms: None, ..
+            }
+            | InstanceState::SwitchingBack { .. }
+            | InstanceState::SwitchBackFailed { .. } => false,
+        }
+    }
+
+    /// Activate to the current wave's instances the provider has drained.
+    fn activate_drained(&mut self, now_ms: i64, commands: &mut Vec<Command>) {
+        let Phase::Wave { index, .. } = self.phase else {
+            return;
+        };
+        let due: Vec<String> = self.waves[index]
+            .iter()
+            .filter(|instance| {
+                self.targets
+                    .get(*instance)
+                    .is_some_and(|target| target.state == InstanceState::Prepared && target.traffic == Traffic::Drained)
+            })
+            .cloned()
+            .collect();
+        for instance in due {
+            self.set_state(&instance, InstanceState::Activating { since_ms: now_ms }, now_ms, false);
+            commands.push(self.command(&instance, Action::Activate, false));
+        }
+    }
+
+    /// Undrain to the drained targets that [may return](Rollout::may_return).
+    fn send_undrains(&mut self, now_ms: i64, commands: &mut Vec<Command>) {
+        let due: Vec<String> = self
+            .instances_in_wave_order()
+            .filter(|(_, target)| target.traffic == Traffic::Drained && self.may_return(target))
+            .map(|(instance, _)| instance.to_owned())
+            .collect();
+        for instance in due {
+            if let Some(target) = self.targets.get_mut(&instance) {
+                target.traffic = Traffic::Undraining { since_ms: now_ms };
+            }
+            commands.push(self.command(&instance, Action::Undrain, false));
+        }
     }
 
     /// Whether the progress deadline has passed, counting neither paused time nor a bake.
@@ -1043,7 +1341,17 @@ impl Rollout {
         self.last_progress_ms = now_ms;
         for instance in self.waves[index].clone() {
             // Instances that failed to prepare (or were lost) stay failed.
-            if self.targets.get(&instance).map(|target| &target.state) == Some(&InstanceState::Prepared) {
+            let Some(target) = self.targets.get_mut(&instance) else {
+                continue;
+            };
+            if target.state != InstanceState::Prepared {
+                continue;
+            }
+            if self.options.drain {
+                // Activated once the provider reports it drained (see `activate_drained`).
+                target.traffic = Traffic::Draining { since_ms: now_ms };
+                commands.push(self.command(&instance, Action::Drain, false));
+            } else {
                 self.set_state(&instance, InstanceState::Activating { since_ms: now_ms }, now_ms, false);
                 commands.push(self.command(&instance, Action::Activate, false));
             }
@@ -1158,12 +1466,12 @@ fn is_switch_back_state(state: &InstanceState) -> bool {
 }
 
 /// "2 settled, 1 activating", in lifecycle order; "no instances" when empty.
-fn count_states<'a>(states: impl Iterator<Item = &'a InstanceState>) -> String {
+fn count_states<'a>(targets: impl Iterator<Item = &'a Target>) -> String {
     let mut counts: BTreeMap<usize, usize> = BTreeMap::new();
-    for state in states {
+    for target in targets {
         let rank = LABEL_ORDER
             .iter()
-            .position(|label| *label == state.label())
+            .position(|label| *label == target.label())
             .expect("every label is listed in LABEL_ORDER");
         *counts.entry(rank).or_default() += 1;
     }
@@ -1175,6 +1483,15 @@ fn count_states<'a>(states: impl Iterator<Item = &'a InstanceState>) -> String {
         .map(|(rank, count)| format!("{count} {}", LABEL_ORDER[*rank]))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// "1 instance", "2 instances".
+fn count_of(count: usize, one: &str, many: &str) -> String {
+    if count == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{count} {many}")
+    }
 }
 
 /// "1 failure", "2 failures".
@@ -1212,6 +1529,15 @@ mod tests {
             progress_deadline_ms: 120 * SECOND,
             bake_ms: 0,
             rollback_on_failure: true,
+            drain: false,
+        }
+    }
+
+    /// [`options`] with draining on.
+    fn draining() -> RolloutOptions {
+        RolloutOptions {
+            drain: true,
+            ..options()
         }
     }
 
@@ -1258,6 +1584,10 @@ mod tests {
                     "unhealthy" => Report::Unhealthy("GET /health: 503".to_owned()),
                     "switched-back" => Report::SwitchedBack,
                     "switch-back-failed" => Report::SwitchBackFailed("application_start exited 1".to_owned()),
+                    "drained" => Report::Drained,
+                    "drain-failed" => Report::DrainFailed("haproxy: No such server.".to_owned()),
+                    "undrained" => Report::Undrained,
+                    "undrain-failed" => Report::UndrainFailed("haproxy: connection refused".to_owned()),
                     other => panic!("unknown verb {other:?} in {line:?}"),
                 };
                 Input::Report { instance, report }
@@ -1274,6 +1604,8 @@ mod tests {
             Action::Prepare => "prepare",
             Action::Activate => "activate",
             Action::SwitchBack => "switch-back",
+            Action::Drain => "drain",
+            Action::Undrain => "undrain",
         };
         let resend = if command.resend { " (resend)" } else { "" };
         format!("{action} {}{resend}", command.instance)
@@ -1282,7 +1614,14 @@ mod tests {
     fn states(rollout: &Rollout) -> String {
         rollout
             .instances_in_wave_order()
-            .map(|(instance, target)| format!("{instance}={}", target.state.label().replace(' ', "-")))
+            .map(|(instance, target)| {
+                let traffic = match &target.traffic {
+                    Traffic::InService | Traffic::Draining { .. } | Traffic::Undraining { .. } => "",
+                    Traffic::Drained => "(out)",
+                    Traffic::LeftDrained { .. } => "(left-out)",
+                };
+                format!("{instance}={}{traffic}", target.label().replace(' ', "-"))
+            })
             .collect::<Vec<_>>()
             .join(" ")
     }
@@ -1318,6 +1657,336 @@ mod tests {
         let (rollout, transcript) = run(rollout, script);
         expected.assert_eq(&transcript);
         rollout
+    }
+
+    #[test]
+    fn draining_takes_each_instance_out_before_activate_and_back_once_healthy() {
+        check(
+            rollout(&[&["a"], &["b", "c"]], draining()),
+            "
+            0 start
+            1 prepared a b c
+            2 drained a
+            3 activated a
+            4 healthy a
+            5 undrained a
+            14 tick
+            15 drained b
+            16 drained c
+            17 activated b c
+            18 healthy b c
+            19 undrained b
+            28 tick
+            29 undrained c
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 3 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing c=preparing
+                    > prepare a, prepare b, prepare c
+                1 prepared a b c
+                    wave 1/2: 1 draining; 0 failures, 0 allowed
+                    a=draining b=prepared c=prepared
+                    > drain a
+                2 drained a
+                    wave 1/2: 1 activating; 0 failures, 0 allowed
+                    a=activating(out) b=prepared c=prepared
+                    > activate a
+                3 activated a
+                    wave 1/2: 1 activated; 0 failures, 0 allowed
+                    a=activated(out) b=prepared c=prepared
+                4 healthy a
+                    wave 1/2: 1 undraining; 0 failures, 0 allowed
+                    a=undraining b=prepared c=prepared
+                    > undrain a
+                5 undrained a
+                    wave 1/2: 1 healthy; 0 failures, 0 allowed
+                    a=healthy b=prepared c=prepared
+                14 tick
+                    wave 2/2: 2 draining; 0 failures, 0 allowed
+                    a=settled b=draining c=draining
+                    > drain b, drain c
+                15 drained b
+                    wave 2/2: 1 draining, 1 activating; 0 failures, 0 allowed
+                    a=settled b=activating(out) c=draining
+                    > activate b
+                16 drained c
+                    wave 2/2: 2 activating; 0 failures, 0 allowed
+                    a=settled b=activating(out) c=activating(out)
+                    > activate c
+                17 activated b c
+                    wave 2/2: 2 activated; 0 failures, 0 allowed
+                    a=settled b=activated(out) c=activated(out)
+                18 healthy b c
+                    wave 2/2: 2 undraining; 0 failures, 0 allowed
+                    a=settled b=undraining c=undraining
+                    > undrain b, undrain c
+                19 undrained b
+                    wave 2/2: 1 healthy, 1 undraining; 0 failures, 0 allowed
+                    a=settled b=healthy c=undraining
+                28 tick
+                    wave 2/2: 1 undraining, 1 settled; 0 failures, 0 allowed
+                    a=settled b=settled c=undraining
+                29 undrained c
+                    succeeded: 3 of 3 instances on the release; 0 failures, 0 allowed
+                    a=settled b=settled c=settled
+            "#]],
+        );
+    }
+
+    #[test]
+    fn a_canary_that_fails_health_is_switched_back_and_only_then_returned() {
+        check(
+            rollout(&[&["a"], &["b"]], draining()),
+            "
+            0 start
+            1 prepared a b
+            2 drained a
+            3 activated a
+            4 unhealthy a
+            62 tick
+            63 switched-back a
+            64 undrained a
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 2 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing
+                    > prepare a, prepare b
+                1 prepared a b
+                    wave 1/2: 1 draining; 0 failures, 0 allowed
+                    a=draining b=prepared
+                    > drain a
+                2 drained a
+                    wave 1/2: 1 activating; 0 failures, 0 allowed
+                    a=activating(out) b=prepared
+                    > activate a
+                3 activated a
+                    wave 1/2: 1 activated; 0 failures, 0 allowed
+                    a=activated(out) b=prepared
+                4 unhealthy a
+                    wave 1/2: 1 activated; 0 failures, 0 allowed
+                    a=activated(out) b=prepared
+                62 tick
+                    rolling back (failed: 1 failure, 0 allowed; last: a: not healthy for 10s within 1m of activation): 1 switching back
+                    a=switching-back(out) b=prepared
+                    > switch-back a
+                63 switched-back a
+                    returning 1 instance to the load balancer, then to end failed
+                    a=undraining b=prepared
+                    > undrain a
+                64 undrained a
+                    failed: 1 failure, 0 allowed; last: a: not healthy for 10s within 1m of activation; 1 switched back
+                    a=switched-back b=prepared
+            "#]],
+        );
+    }
+
+    #[test]
+    fn a_provider_error_halts_the_deployment_and_returns_what_it_drained() {
+        check(
+            rollout(
+                &[&["a", "b"], &["c"]],
+                RolloutOptions {
+                    failure_threshold: 5,
+                    ..draining()
+                },
+            ),
+            "
+            0 start
+            1 prepared a b c
+            2 drained a
+            3 drain-failed b
+            4 activated a
+            5 switched-back a
+            6 undrained b
+            7 undrain-failed a
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 3 preparing; 0 failures, 5 allowed
+                    a=preparing b=preparing c=preparing
+                    > prepare a, prepare b, prepare c
+                1 prepared a b c
+                    wave 1/2: 2 draining; 0 failures, 5 allowed
+                    a=draining b=draining c=prepared
+                    > drain a, drain b
+                2 drained a
+                    wave 1/2: 1 draining, 1 activating; 0 failures, 5 allowed
+                    a=activating(out) b=draining c=prepared
+                    > activate a
+                3 drain-failed b
+                    rolling back (failed: traffic provider: draining b failed: haproxy: No such server.): 1 undraining, 1 switching back
+                    a=switching-back(out) b=undraining c=prepared
+                    > undrain b, switch-back a
+                4 activated a
+                    rolling back (failed: traffic provider: draining b failed: haproxy: No such server.): 1 undraining, 1 switching back
+                    a=switching-back(out) b=undraining c=prepared
+                5 switched-back a
+                    returning 2 instances to the load balancer, then to end failed
+                    a=undraining b=undraining c=prepared
+                    > undrain a
+                6 undrained b
+                    returning 1 instance to the load balancer, then to end failed
+                    a=undraining b=prepared c=prepared
+                7 undrain-failed a
+                    failed: traffic provider: draining b failed: haproxy: No such server.; 1 switched back; left out of the load balancer: a
+                    a=switched-back(left-out) b=prepared c=prepared
+            "#]],
+        );
+    }
+
+    #[test]
+    fn abort_while_draining_returns_the_instance_it_never_switched() {
+        check(
+            rollout(&[&["a"]], draining()),
+            "
+            0 start
+            1 prepared a
+            2 abort
+            3 drained a
+            4 undrained a
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 1 preparing; 0 failures, 0 allowed
+                    a=preparing
+                    > prepare a
+                1 prepared a
+                    wave 1/1: 1 draining; 0 failures, 0 allowed
+                    a=draining
+                    > drain a
+                2 abort
+                    returning 1 instance to the load balancer, then to end aborted
+                    a=draining
+                3 drained a
+                    returning 1 instance to the load balancer, then to end aborted
+                    a=undraining
+                    > undrain a
+                4 undrained a
+                    aborted
+                    a=prepared
+            "#]],
+        );
+    }
+
+    #[test]
+    fn restart_resends_drains_and_undrains_in_flight() {
+        check(
+            rollout(&[&["a", "b"]], draining()),
+            "
+            0 start
+            1 prepared a b
+            2 drained a
+            3 activated a
+            4 healthy a
+            10 restarted
+            11 drained b
+            12 undrained a
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 2 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing
+                    > prepare a, prepare b
+                1 prepared a b
+                    wave 1/1: 2 draining; 0 failures, 0 allowed
+                    a=draining b=draining
+                    > drain a, drain b
+                2 drained a
+                    wave 1/1: 1 draining, 1 activating; 0 failures, 0 allowed
+                    a=activating(out) b=draining
+                    > activate a
+                3 activated a
+                    wave 1/1: 1 draining, 1 activated; 0 failures, 0 allowed
+                    a=activated(out) b=draining
+                4 healthy a
+                    wave 1/1: 1 draining, 1 undraining; 0 failures, 0 allowed
+                    a=undraining b=draining
+                    > undrain a
+                10 restarted
+                    wave 1/1: 1 draining, 1 undraining; 0 failures, 0 allowed
+                    a=undraining b=draining
+                    > undrain a (resend), drain b (resend)
+                11 drained b
+                    wave 1/1: 1 activating, 1 undraining; 0 failures, 0 allowed
+                    a=undraining b=activating(out)
+                    > activate b
+                12 undrained a
+                    wave 1/1: 1 activating, 1 activated; 0 failures, 0 allowed
+                    a=activated b=activating(out)
+            "#]],
+        );
+    }
+
+    #[test]
+    fn an_instance_whose_switch_back_failed_stays_out_and_is_shown() {
+        let end = check(
+            rollout(&[&["a", "b"]], draining()),
+            "
+            0 start
+            1 prepared a b
+            2 drained a b
+            3 activated a b
+            4 activate-failed b
+            5 undrained b
+            62 tick
+            63 switch-back-failed a
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 2 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing
+                    > prepare a, prepare b
+                1 prepared a b
+                    wave 1/1: 2 draining; 0 failures, 0 allowed
+                    a=draining b=draining
+                    > drain a, drain b
+                2 drained a b
+                    wave 1/1: 2 activating; 0 failures, 0 allowed
+                    a=activating(out) b=activating(out)
+                    > activate a, activate b
+                3 activated a b
+                    wave 1/1: 2 activated; 0 failures, 0 allowed
+                    a=activated(out) b=activated(out)
+                4 activate-failed b
+                    rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 undraining, 1 switching back
+                    a=switching-back(out) b=undraining
+                    > undrain b, switch-back a
+                5 undrained b
+                    rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 switching back
+                    a=switching-back(out) b=failed
+                62 tick
+                    rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 switching back
+                    a=switching-back(out) b=failed
+                63 switch-back-failed a
+                    failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1; could not switch back: a; left out of the load balancer: a
+                    a=switch-back-failed(out) b=failed
+            "#]],
+        );
+        assert_eq!(
+            end.out_of_service(),
+            vec![(
+                "a".to_owned(),
+                "left drained: the switch back failed (application_start exited 1)".to_owned()
+            )]
+        );
+    }
+
+    #[test]
+    fn without_drain_no_traffic_command_goes_out() {
+        let (end, transcript) = run(
+            rollout(&[&["a"]], options()),
+            "
+            0 start
+            1 prepared a
+            2 activated a
+            3 healthy a
+            13 tick
+            ",
+        );
+        assert_eq!(end.phase, Phase::Succeeded, "{transcript}");
+        assert!(!transcript.contains("drain"), "{transcript}");
     }
 
     #[test]
@@ -2527,7 +3196,8 @@ mod tests {
                 "healthy_deadline_ms": 60000,
                 "progress_deadline_ms": 120000,
                 "bake_ms": 0,
-                "rollback_on_failure": true
+                "rollback_on_failure": true,
+                "drain": false
               },
               "waves": [
                 [
@@ -2542,6 +3212,9 @@ mod tests {
                   "wave": 0,
                   "state": {
                     "kind": "prepared"
+                  },
+                  "traffic": {
+                    "kind": "in_service"
                   }
                 },
                 "b": {
@@ -2550,6 +3223,9 @@ mod tests {
                     "kind": "failed",
                     "reason": "prepare failed: disk full",
                     "needs_switch_back": false
+                  },
+                  "traffic": {
+                    "kind": "in_service"
                   }
                 }
               },
@@ -2569,7 +3245,8 @@ mod tests {
               "last_progress_ms": 2000,
               "paused_since_ms": null,
               "last_step_ms": 2000,
-              "preparing_since_ms": 0
+              "preparing_since_ms": 0,
+              "traffic_failure": null
             }"#]]
         .assert_eq(&json);
     }
@@ -2615,6 +3292,10 @@ mod tests {
             Just(Report::Unhealthy("x".to_owned())),
             Just(Report::SwitchedBack),
             Just(Report::SwitchBackFailed("x".to_owned())),
+            Just(Report::Drained),
+            Just(Report::DrainFailed("x".to_owned())),
+            Just(Report::Undrained),
+            Just(Report::UndrainFailed("x".to_owned())),
         ]
     }
 
@@ -2641,6 +3322,7 @@ mod tests {
             3000..20_000i64,
             prop_oneof![Just(0i64), 0..4000i64],
             any::<bool>(),
+            any::<bool>(),
         )
             .prop_map(
                 |(
@@ -2650,6 +3332,7 @@ mod tests {
                     progress_deadline_ms,
                     bake_ms,
                     rollback,
+                    drain,
                 )| {
                     RolloutOptions {
                         failure_threshold,
@@ -2658,6 +3341,7 @@ mod tests {
                         progress_deadline_ms,
                         bake_ms,
                         rollback_on_failure: rollback,
+                        drain,
                     }
                 },
             )
@@ -2707,7 +3391,14 @@ mod tests {
                     .rollout
                     .targets
                     .keys()
-                    .map(|name| self.answer(name, true))
+                    .flat_map(|name| {
+                        let mut answers = Vec::new();
+                        if self.rollout.targets[name].traffic.is_moving() {
+                            answers.push(self.answer(name, true));
+                        }
+                        answers.push(self.answer(name, true));
+                        answers
+                    })
                     .collect(),
                 Event::Raw { who, report } => vec![calm(Input::Report {
                     instance: instance(*who),
@@ -2723,9 +3414,23 @@ mod tests {
             }
         }
 
-        /// What a well (or badly) behaved agent reports next about `name`.
+        /// What a well (or badly) behaved traffic provider, else agent, reports next about `name`.
         fn answer(&self, name: &str, good: bool) -> Input {
-            let state = self.rollout.targets.get(name).map(|target| &target.state);
+            let target = self.rollout.targets.get(name);
+            let state = target.map(|target| &target.state);
+            let traffic_report = match (target.map(|target| &target.traffic), good) {
+                (Some(Traffic::Draining { .. }), true) => Some(Report::Drained),
+                (Some(Traffic::Draining { .. }), false) => Some(Report::DrainFailed("x".to_owned())),
+                (Some(Traffic::Undraining { .. }), true) => Some(Report::Undrained),
+                (Some(Traffic::Undraining { .. }), false) => Some(Report::UndrainFailed("x".to_owned())),
+                _ => None,
+            };
+            if let Some(report) = traffic_report {
+                return Input::Report {
+                    instance: name.to_owned(),
+                    report,
+                };
+            }
             let report = match (state, good) {
                 (Some(InstanceState::Preparing), true) => Report::Prepared,
                 (Some(InstanceState::Preparing), false) => Report::PrepareFailed("x".to_owned()),
@@ -2767,6 +3472,39 @@ mod tests {
         matches!(state, InstanceState::Settled { .. } | InstanceState::Failed { .. }) || is_switch_back_state(state)
     }
 
+    /// Drains only when the deployment drains, once per instance, before its Activate; undrains only what was
+    /// drained, once; re-sends repeat the last traffic command.
+    fn check_traffic_command(
+        before: &Rollout,
+        after: &Rollout,
+        history: &[Command],
+        command: &Command,
+    ) -> Result<(), TestCaseError> {
+        prop_assert!(before.options.drain, "traffic command without drain: {:?}", command);
+        let traffic_history: Vec<&Command> = history
+            .iter()
+            .filter(|earlier| earlier.action.is_traffic() && !earlier.resend)
+            .collect();
+        let last = traffic_history.last().map(|earlier| earlier.action);
+        if command.resend {
+            prop_assert_eq!(last, Some(command.action), "a re-send repeats the last traffic command");
+            return Ok(());
+        }
+        match command.action {
+            Action::Drain => {
+                prop_assert!(last.is_none(), "drained twice: {:?}", command);
+                prop_assert!(
+                    !history.iter().any(|earlier| earlier.action == Action::Activate),
+                    "drained after activation"
+                );
+            }
+            Action::Undrain => prop_assert_eq!(last, Some(Action::Drain), "undrain without drain: {:?}", command),
+            _ => unreachable!(),
+        }
+        prop_assert!(after.targets[&command.instance].traffic.is_moving());
+        Ok(())
+    }
+
     fn check_step(
         harness: &Harness,
         input: &Input,
@@ -2788,7 +3526,18 @@ mod tests {
         }
         for command in commands {
             prop_assert_eq!(command.epoch, before.epoch);
-            let history = sent.entry(command.instance.clone()).or_default();
+            let everything = sent.entry(command.instance.clone()).or_default();
+            if command.action.is_traffic() {
+                check_traffic_command(before, after, everything, command)?;
+                everything.push(command.clone());
+                continue;
+            }
+            // The agent's own commands, in order; drains and undrains are checked above.
+            let history: Vec<Command> = everything
+                .iter()
+                .filter(|earlier| !earlier.action.is_traffic())
+                .cloned()
+                .collect();
             let issued = |action: Action| {
                 history
                     .iter()
@@ -2832,9 +3581,18 @@ mod tests {
                         }
                     }
                     Action::SwitchBack => prop_assert!(issued(Action::Activate), "switch back without activate"),
+                    Action::Drain | Action::Undrain => unreachable!("checked above"),
+                }
+                if command.action == Action::Activate && after.options.drain {
+                    prop_assert_eq!(
+                        &after.targets[&command.instance].traffic,
+                        &Traffic::Drained,
+                        "activated while taking traffic: {:?}",
+                        command
+                    );
                 }
             }
-            history.push(command.clone());
+            everything.push(command.clone());
         }
         prop_assert!(after.waves_started >= before.waves_started);
         let activating: Vec<usize> = after
@@ -2897,6 +3655,17 @@ mod tests {
             }
             let end = &harness.rollout;
             prop_assert!(end.is_finished(), "not finished: {}", end.summary());
+            // Never silently drained: whatever is still out of the load balancer is there for a stated reason.
+            for (name, target) in &end.targets {
+                match &target.traffic {
+                    Traffic::InService | Traffic::LeftDrained { .. } => {}
+                    Traffic::Drained => prop_assert!(
+                        matches!(target.state, InstanceState::SwitchBackFailed { .. }),
+                        "{} left drained in {:?}", name, target.state
+                    ),
+                    moving => prop_assert!(false, "{} still {:?} at the end", name, moving),
+                }
+            }
             let activations = |instance: &str| {
                 harness.sent.get(instance).map_or(0, |commands| {
                     commands.iter().filter(|command| !command.resend && command.action == Action::Activate).count()

@@ -155,6 +155,8 @@ pub struct RunningServer {
     task: JoinHandle<Result<(), tonic::transport::Error>>,
     /// Drives running deployments (deadlines, bakes, lost instances).
     ticker: JoinHandle<()>,
+    /// Carries out drains and undrains; one cut short is re-sent when the deployment resumes.
+    traffic_worker: JoinHandle<()>,
     grace: Duration,
 }
 
@@ -171,6 +173,7 @@ impl RunningServer {
     /// and waits up to the grace period for calls in flight.
     pub async fn shutdown(self) -> Result<(), ServerError> {
         self.ticker.abort();
+        self.traffic_worker.abort();
         self.shared
             .sessions
             .evict_all(tonic::Status::unavailable("coordinator shutting down"));
@@ -373,6 +376,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     let task = tokio::spawn(router.serve_with_incoming_shutdown(incoming, async {
         let _ = shutdown_signal.await;
     }));
+    // Drains and undrains, the ones resumed deployments re-send included.
+    let traffic_worker = tokio::spawn(crate::deployer::run_traffic_jobs(shared.clone()));
     // Deployments a stopped coordinator left running go on from their persisted state.
     if let Err(error) = shared.deployer.resume_all(&shared).await {
         tracing::error!(%error, "cannot resume running deployments");
@@ -387,6 +392,7 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     tracing::info!(addr = %local_addr, data_dir = %data_dir.display(), "coordinator listening");
     Ok(RunningServer {
         ticker,
+        traffic_worker,
         local_addr,
         files,
         ca_pem,

@@ -21,6 +21,7 @@ use crate::model::{
 use crate::registry::{self, Decision, RegistrationRefused};
 
 mod deployments;
+mod traffic;
 
 pub use deployments::{Approval, DeploymentRow, HealthRow, Pin};
 
@@ -32,6 +33,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "deployments",
         include_str!("../migrations/sqlite/0002_deployments.sql"),
     ),
+    (3, "traffic", include_str!("../migrations/sqlite/0003_traffic.sql")),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -276,6 +276,13 @@ pub struct DeployArgs {
     /// When the deployment fails, leave switched instances on the new release instead of switching them back
     #[arg(long)]
     pub no_rollback: bool,
+    /// Drain each instance from the stack's load balancer before it switches, return it once healthy
+    /// [default: on when the stack has a traffic provider, see `rollwave traffic`]
+    #[arg(long, conflicts_with = "no_drain")]
+    pub drain: bool,
+    /// Switch instances while they take traffic, even when the stack has a traffic provider
+    #[arg(long)]
+    pub no_drain: bool,
     /// Only show the waves it would run (and what it would skip); start nothing
     #[arg(long, conflicts_with = "watch")]
     pub plan: bool,
@@ -455,6 +462,11 @@ pub fn deployment_options(args: &DeployArgs) -> anyhow::Result<pb::DeploymentOpt
         healthy_deadline_ms: millis(args.healthy_deadline),
         progress_deadline_ms: millis(args.progress_deadline),
         rollback_on_failure: args.no_rollback.then_some(false),
+        drain: match (args.drain, args.no_drain) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        },
     })
 }
 
@@ -950,7 +962,24 @@ fn render_plan(stack: &str, release: &ReleaseRef, plan: &PlanView) -> String {
             plan.min_healthy, plan.healthy_total
         );
     }
+    if plan.drain.is_empty() {
+        let _ = writeln!(
+            out,
+            "drain: none; instances switch while taking traffic (no traffic provider, or --no-drain)"
+        );
+    }
+    for line in &plan.drain {
+        let _ = writeln!(out, "drain: {line}");
+    }
     out
+}
+
+/// An instance's state with where it stands with the load balancer, when that says more: "activated, drained".
+fn shown_state(instance: &DeploymentInstanceView) -> String {
+    match &instance.traffic {
+        Some(traffic) if *traffic != instance.state => format!("{}, {traffic}", instance.state),
+        _ => instance.state.clone(),
+    }
 }
 
 /// `deployment show` for people: the header, every wave with each instance's state and detail, the failures.
@@ -996,7 +1025,7 @@ fn render_deployment(deployment: &DeploymentView) -> String {
         .unwrap_or(0);
     let state_width = deployment
         .instances()
-        .map(|instance| instance.state.chars().count())
+        .map(|instance| shown_state(instance).chars().count())
         .max()
         .unwrap_or(0);
     let wave_count = deployment.waves.len();
@@ -1005,7 +1034,8 @@ fn render_deployment(deployment: &DeploymentView) -> String {
         for instance in &wave.instances {
             let head = format!(
                 "  {:<id_width$}  {:<state_width$}  ",
-                instance.instance_id, instance.state
+                instance.instance_id,
+                shown_state(instance)
             );
             match &instance.detail {
                 None => {
@@ -1038,7 +1068,7 @@ fn wave_states(instances: &[DeploymentInstanceView]) -> String {
     }
     let listed = instances
         .iter()
-        .map(|instance| format!("{} {}", instance.instance_id, instance.state))
+        .map(|instance| format!("{} {}", instance.instance_id, shown_state(instance)))
         .collect::<Vec<_>>()
         .join(", ");
     if listed.chars().count() <= WAVE_LINE_WIDTH {
@@ -1395,6 +1425,16 @@ fn render_status(status: &StackStatusView, all: bool, now: SystemTime) -> String
             let _ = writeln!(out, "  {line}");
         }
     }
+    if !status.out_of_service.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nout of the load balancer ({}):",
+            count_of(status.out_of_service.len(), "instance", "instances")
+        );
+        for line in &status.out_of_service {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     out
 }
 
@@ -1527,6 +1567,7 @@ mod tests {
                 healthy_deadline_ms: Some(5_400_000),
                 progress_deadline_ms: Some(7_200_000),
                 rollback_on_failure: Some(false),
+                drain: None,
             }
         );
     }
@@ -1606,6 +1647,7 @@ mod tests {
             instance_id: id.into(),
             state: state.into(),
             detail: detail.map(Into::into),
+            traffic: None,
         }
     }
 
@@ -1887,6 +1929,7 @@ mod tests {
             }],
             min_healthy: 3,
             healthy_total: 4,
+            drain: vec!["each instance is drained (haproxy at unix:/run/haproxy/admin.sock, server app/{hostname}, drain timeout 30s) before it is activated and returned once healthy".into()],
         };
         let release = ReleaseRef {
             bundle: "site".into(),
@@ -1902,6 +1945,7 @@ mod tests {
             i-9      pinned
 
             min healthy: every wave keeps at least 3 of the 4 healthy instances in service
+            drain: each instance is drained (haproxy at unix:/run/haproxy/admin.sock, server app/{hostname}, drain timeout 30s) before it is activated and returned once healthy
         "#]]
         .assert_eq(&render_plan("web", &release, &plan));
         let empty = PlanView {
@@ -1909,11 +1953,13 @@ mod tests {
             skipped: Vec::new(),
             min_healthy: 0,
             healthy_total: 0,
+            drain: Vec::new(),
         };
         expect![[r#"
             plan for site@2.0 on web: no instance to update; starting it would approve site@2.0 at once, for instances that join later
 
             min healthy: no floor; a wave may take any of the 0 healthy instances out of service
+            drain: none; instances switch while taking traffic (no traffic provider, or --no-drain)
         "#]]
         .assert_eq(&render_plan("web", &release, &empty));
     }
@@ -1957,6 +2003,9 @@ mod tests {
         unhealthy.health_since_ms = 1_000_000_000 - 180_000;
         let status = StackStatusView {
             stack: "web".into(),
+            out_of_service: vec![
+                "i-3: left drained: the switch back failed (application_start exited 1) (deployment d-1)".into(),
+            ],
             bundles: vec![
                 BundleStatusView {
                     bundle: "site".into(),
@@ -1991,6 +2040,9 @@ mod tests {
 
             chef: approved 7; running 7 ×4; deployment d-9 running
               all 4 instances run 7 and are healthy
+
+            out of the load balancer (1 instance):
+              i-3: left drained: the switch back failed (application_start exited 1) (deployment d-1)
         "#]]
         .assert_eq(&render_status(&status, false, now));
     }

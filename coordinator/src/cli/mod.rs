@@ -6,6 +6,7 @@ pub mod git;
 pub mod output;
 pub mod profile;
 pub mod release;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -99,6 +100,9 @@ pub enum Command {
     /// The audit trail: who did what, when
     #[command(subcommand)]
     Event(EventCommand),
+    /// Set, show and clear the load balancer deployments drain instances from
+    #[command(subcommand)]
+    Traffic(traffic::TrafficCommand),
 }
 
 #[derive(Debug, Args)]
@@ -369,6 +373,7 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
         Command::Unpin(args) => deploy::unpin(&mut client, args, format).await,
         Command::Status(args) => deploy::status(&mut client, args, format).await,
         Command::Event(command) => deploy::event(&mut client, command, format).await,
+        Command::Traffic(command) => traffic::traffic(&mut client, command, format).await,
         Command::Server(_) | Command::Demo(_) | Command::Release(_) => {
             unreachable!("server and demo are dispatched by main, releases above")
         }

@@ -313,6 +313,9 @@ pub struct DeploymentInstanceView {
     pub state: String,
     /// More about the state, such as a failure's reason and hook output; `null` when there is none.
     pub detail: Option<String>,
+    /// Where it stands with the load balancer when the deployment drains: `null` while it takes traffic as
+    /// usual, else "draining", "drained", "being returned" or "left drained: <why>".
+    pub traffic: Option<String>,
 }
 
 impl DeploymentView {
@@ -363,6 +366,7 @@ impl From<pb::Deployment> for DeploymentView {
                             instance_id: instance.instance_id,
                             state: instance.state,
                             detail: non_empty(instance.detail),
+                            traffic: non_empty(instance.traffic),
                         })
                         .collect(),
                 })
@@ -405,6 +409,8 @@ pub struct PlanView {
     pub min_healthy: u32,
     /// Healthy instances of the stack now, pinned ones included.
     pub healthy_total: u32,
+    /// How instances are drained from the load balancer, per layer with a provider; empty when they are not.
+    pub drain: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -445,6 +451,7 @@ impl From<pb::Plan> for PlanView {
                 .collect(),
             min_healthy: plan.min_healthy,
             healthy_total: plan.healthy_total,
+            drain: plan.drain,
         }
     }
 }
@@ -454,6 +461,8 @@ impl From<pb::Plan> for PlanView {
 pub struct StackStatusView {
     pub stack: String,
     pub bundles: Vec<BundleStatusView>,
+    /// Instances deployments took out of the load balancer and have not returned, as "instance: why".
+    pub out_of_service: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -529,6 +538,7 @@ impl From<pb::StackStatus> for StackStatusView {
                         .collect(),
                 })
                 .collect(),
+            out_of_service: status.out_of_service,
         }
     }
 }

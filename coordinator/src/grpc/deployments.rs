@@ -27,6 +27,7 @@ impl From<DeployError> for Status {
                 Status::failed_precondition(message)
             }
             DeployError::Rollout(_) | DeployError::Invalid(_) => Status::invalid_argument(message),
+            DeployError::NoTrafficProvider { .. } => Status::failed_precondition(message),
             DeployError::NotFound(_) => Status::not_found(message),
         }
     }
@@ -70,6 +71,8 @@ pub fn request_from_proto(request: pb::CreateDeploymentRequest) -> Result<Deploy
         progress_deadline_ms: millis(options.progress_deadline_ms, rollout_defaults.progress_deadline_ms),
         bake_ms: millis(options.bake_ms, rollout_defaults.bake_ms),
         rollback_on_failure: options.rollback_on_failure.unwrap_or(true),
+        // Decided by the deployer from the stack's traffic settings and `drain` below.
+        drain: false,
     };
     Ok(DeploymentRequest {
         stack: request.stack,
@@ -79,11 +82,13 @@ pub fn request_from_proto(request: pb::CreateDeploymentRequest) -> Result<Deploy
         options: rollout,
         failure_threshold: amount("failure threshold", &options.failure_threshold, Amount::Count(0))?,
         plan_only: request.plan_only,
+        drain: options.drain,
     })
 }
 
-pub fn plan_to_proto(plan: &Plan) -> pb::Plan {
+pub fn plan_to_proto(plan: &Plan, drain: &[String]) -> pb::Plan {
     pb::Plan {
+        drain: drain.to_vec(),
         waves: plan
             .waves
             .iter()
@@ -156,6 +161,8 @@ pub async fn rollback_stack(
                 options,
                 failure_threshold: Amount::Count(0),
                 plan_only: false,
+                // Drains when the stack has a traffic provider, as any deployment.
+                drain: None,
             },
         )
         .await?;
@@ -372,9 +379,11 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
             deployment_id,
         });
     }
+    let out_of_service = shared.deployer.out_of_service(shared, stack).await?;
     Ok(pb::StackStatus {
         stack: stack.to_owned(),
         bundles: statuses,
+        out_of_service,
     })
 }
 

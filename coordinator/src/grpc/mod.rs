@@ -5,6 +5,7 @@
 pub mod agent;
 pub mod deployments;
 pub mod operator;
+pub mod traffic;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -9,7 +9,7 @@ use rollwave_proto::v1 as pb;
 use rollwave_trust::JoinToken;
 use tonic::{Request, Response, Status};
 
-use super::{ServiceError, Shared, deployments, random_hex, secret_hash};
+use super::{ServiceError, Shared, deployments, random_hex, secret_hash, traffic};
 use crate::model::{
     BundleKind, Instance, InvalidInput, JoinTokenRecord, Release, Stack, Stage, parse_sha256, unix_ms, validate_name,
 };
@@ -452,7 +452,7 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
         let request = deployments::request_from_proto(request.into_inner())?;
         let created = self.shared.deployer.create(&self.shared, &actor, request).await?;
         Ok(Response::new(pb::CreateDeploymentResponse {
-            plan: Some(deployments::plan_to_proto(&created.plan)),
+            plan: Some(deployments::plan_to_proto(&created.plan, &created.drain)),
             deployment: created.deployment,
         }))
     }
@@ -526,6 +526,27 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
         let limit = request.into_inner().limit;
         Ok(Response::new(deployments::list_events(&self.shared, limit).await?))
+    }
+
+    async fn set_traffic(&self, request: Request<pb::SetTrafficRequest>) -> Result<Response<pb::StackTraffic>, Status> {
+        let actor = operator_of(&request);
+        Ok(Response::new(
+            traffic::set(&self.shared, &actor, request.into_inner()).await?,
+        ))
+    }
+
+    async fn get_traffic(&self, request: Request<pb::GetTrafficRequest>) -> Result<Response<pb::StackTraffic>, Status> {
+        Ok(Response::new(traffic::get(&self.shared, request.into_inner()).await?))
+    }
+
+    async fn clear_traffic(
+        &self,
+        request: Request<pb::ClearTrafficRequest>,
+    ) -> Result<Response<pb::StackTraffic>, Status> {
+        let actor = operator_of(&request);
+        Ok(Response::new(
+            traffic::clear(&self.shared, &actor, request.into_inner()).await?,
+        ))
     }
 }
 

@@ -9,7 +9,8 @@
 //!   `UP 1/3` while a check is moving), so the state comes from the first and sessions from the
 //!   second.
 //! - `maint` keeps in-flight sessions running to their end; `ready` counts a server up at once,
-//!   before any health check has run.
+//!   before any health check has run, when it leaves `maint`; leaving `drain` after a forced
+//!   `health down`, it stays down until its checks pass `rise` times.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -34,6 +35,8 @@ const SERVERS_STATE_VERSION: &str = "1";
 // resolver and hostname maintenance; forced and inherited drain.
 const ADMIN_MAINT_FLAGS: u32 = 0x01 | 0x02 | 0x04 | 0x20 | 0x40;
 const ADMIN_DRAIN_FLAGS: u32 = 0x08 | 0x10;
+/// `CHK_ST_ENABLED` of `srv_check_state`: the server has active health checks.
+const CHECK_ENABLED: u32 = 0x04;
 
 /// Where HAProxy's runtime API listens.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,7 +104,7 @@ impl HaproxyRuntime {
                 } else {
                     DrainOutcome::TimedOut {
                         waited,
-                        remaining_sessions: sessions,
+                        remaining_sessions: Some(sessions),
                     }
                 });
             }
@@ -109,7 +112,22 @@ impl HaproxyRuntime {
         }
     }
 
+    /// Puts the server back. With health checks, it goes back marked down, through `drain` (no new
+    /// traffic) and a forced `health down`, so that it takes traffic only after HAProxy's own
+    /// checks pass `rise` times: `ready` straight from `maint` would count it up at once. Without
+    /// checks, `ready` is all there is.
     pub(super) async fn undrain(&self, target: &TrafficTarget) -> Result<(), TrafficError> {
+        check_names(target)?;
+        let command = format!("show servers state {}", target.backend);
+        let response = self.exchange(&command).await?;
+        let checked = parse_checks_enabled(&response, &target.backend, &target.server)
+            .map_err(|error| error.into_traffic_error(target, &command))?;
+        if checked {
+            self.set_state(target, "drain").await?;
+            let command = format!("set server {}/{} health down", target.backend, target.server);
+            let response = self.exchange(&command).await?;
+            parse_set_server_response(&response).map_err(|error| error.into_traffic_error(target, &command))?;
+        }
         self.set_state(target, "ready").await
     }
 
@@ -273,13 +291,13 @@ pub(crate) fn parse_set_server_response(response: &str) -> Result<(), ResponseEr
     }
 }
 
-/// The admin and health state of `backend/server` in the answer to `show servers state B`:
-/// a format version line, a `#` header naming the columns, one space-separated row per server.
-pub(crate) fn parse_servers_state(
-    response: &str,
+/// The columns and the row of `backend/server` in the answer to `show servers state B`: a format
+/// version line, a `#` header naming the columns, one space-separated row per server.
+fn servers_state_row<'a>(
+    response: &'a str,
     backend: &str,
     server: &str,
-) -> Result<(AdminState, OperationalState), ResponseError> {
+) -> Result<(Vec<&'a str>, Vec<&'a str>), ResponseError> {
     let mut lines = response.lines();
     let version = lines.next().unwrap_or_default().trim();
     let header = lines.next().unwrap_or_default();
@@ -292,16 +310,8 @@ pub(crate) fn parse_servers_state(
         )));
     }
     let columns: Vec<&str> = header.split_whitespace().collect();
-    let column = |name: &str| {
-        columns
-            .iter()
-            .position(|column| *column == name)
-            .ok_or_else(|| ResponseError::Unexpected(format!("no column {name}")))
-    };
-    let backend_column = column("be_name")?;
-    let server_column = column("srv_name")?;
-    let op_column = column("srv_op_state")?;
-    let admin_column = column("srv_admin_state")?;
+    let backend_column = column_of(&columns, "be_name")?;
+    let server_column = column_of(&columns, "srv_name")?;
     for line in lines.filter(|line| !line.trim().is_empty()) {
         let fields: Vec<&str> = line.split_whitespace().collect();
         if fields.len() != columns.len() {
@@ -311,32 +321,58 @@ pub(crate) fn parse_servers_state(
                 columns.len()
             )));
         }
-        if fields[backend_column] != backend || fields[server_column] != server {
-            continue;
+        if fields[backend_column] == backend && fields[server_column] == server {
+            return Ok((columns, fields));
         }
-        let number = |index: usize, name: &str| {
-            fields[index]
-                .parse::<u32>()
-                .map_err(|_| ResponseError::Unexpected(format!("{name} is {:?}, not a number", fields[index])))
-        };
-        let admin_flags = number(admin_column, "srv_admin_state")?;
-        let operational = match number(op_column, "srv_op_state")? {
-            0 => OperationalState::Stopped,
-            1 => OperationalState::Starting,
-            2 => OperationalState::Running,
-            3 => OperationalState::Stopping,
-            other => return Err(ResponseError::Unexpected(format!("unknown srv_op_state {other}"))),
-        };
-        let admin = if admin_flags & ADMIN_MAINT_FLAGS != 0 {
-            AdminState::Maint
-        } else if admin_flags & ADMIN_DRAIN_FLAGS != 0 {
-            AdminState::Drain
-        } else {
-            AdminState::Ready
-        };
-        return Ok((admin, operational));
     }
     Err(ResponseError::ServerNotFound)
+}
+
+fn column_of(columns: &[&str], name: &str) -> Result<usize, ResponseError> {
+    columns
+        .iter()
+        .position(|column| *column == name)
+        .ok_or_else(|| ResponseError::Unexpected(format!("no column {name}")))
+}
+
+/// The number in column `name` of a `show servers state` row.
+fn number_in(columns: &[&str], fields: &[&str], name: &str) -> Result<u32, ResponseError> {
+    let index = column_of(columns, name)?;
+    fields[index]
+        .parse::<u32>()
+        .map_err(|_| ResponseError::Unexpected(format!("{name} is {:?}, not a number", fields[index])))
+}
+
+/// The admin and health state of `backend/server` in the answer to `show servers state B`.
+pub(crate) fn parse_servers_state(
+    response: &str,
+    backend: &str,
+    server: &str,
+) -> Result<(AdminState, OperationalState), ResponseError> {
+    let (columns, fields) = servers_state_row(response, backend, server)?;
+    let admin_flags = number_in(&columns, &fields, "srv_admin_state")?;
+    let operational = match number_in(&columns, &fields, "srv_op_state")? {
+        0 => OperationalState::Stopped,
+        1 => OperationalState::Starting,
+        2 => OperationalState::Running,
+        3 => OperationalState::Stopping,
+        other => return Err(ResponseError::Unexpected(format!("unknown srv_op_state {other}"))),
+    };
+    let admin = if admin_flags & ADMIN_MAINT_FLAGS != 0 {
+        AdminState::Maint
+    } else if admin_flags & ADMIN_DRAIN_FLAGS != 0 {
+        AdminState::Drain
+    } else {
+        AdminState::Ready
+    };
+    Ok((admin, operational))
+}
+
+/// Whether HAProxy runs health checks on `backend/server` (`srv_check_state` has
+/// `CHK_ST_ENABLED`).
+pub(crate) fn parse_checks_enabled(response: &str, backend: &str, server: &str) -> Result<bool, ResponseError> {
+    let (columns, fields) = servers_state_row(response, backend, server)?;
+    Ok(number_in(&columns, &fields, "srv_check_state")? & CHECK_ENABLED != 0)
 }
 
 /// The current sessions (`scur`) of `backend/server` in the answer to `show stat`: a `# ` CSV

@@ -2,16 +2,21 @@
 //! once it is healthy: the providers a rolling deployment drains through.
 //!
 //! One enum dispatches to each provider (no boxed futures, no `async_trait`): [`HaproxyRuntime`]
-//! speaks HAProxy's runtime API, [`CommandProvider`] runs the operator's own scripts.
+//! speaks HAProxy's runtime API, [`Elbv2Provider`] AWS ELBv2 target groups, [`CommandProvider`]
+//! runs the operator's own scripts. [`TrafficSettings`] is what a stack stores to pick one.
 
 mod command;
+mod elbv2;
 mod haproxy;
+mod settings;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 pub use command::CommandProvider;
+pub use elbv2::Elbv2Provider;
 pub use haproxy::{HaproxyRuntime, RuntimeAddress};
+pub use settings::{DEFAULT_DRAIN_TIMEOUT_MS, SettingsError, TrafficSettings, for_layer, render};
 
 /// How an instance is known to the load balancer.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -39,8 +44,12 @@ pub enum DrainOutcome {
     /// No session was left when the target went out of service.
     Drained { waited: Duration },
     /// The drain timeout passed with sessions still open; the target went out of service anyway
-    /// and those sessions were left to finish (or fail) on their own.
-    TimedOut { waited: Duration, remaining_sessions: u64 },
+    /// and those sessions were left to finish (or fail) on their own. ELBv2 does not count sessions
+    /// (`None`): it cuts what is left at the end of its own deregistration delay.
+    TimedOut {
+        waited: Duration,
+        remaining_sessions: Option<u64>,
+    },
 }
 
 /// What the operator (or the rollout) set: whether the load balancer may send new traffic.
@@ -148,12 +157,20 @@ pub enum TrafficError {
     InvalidName { target: Box<TrafficTarget>, reason: String },
     #[error("the command traffic provider cannot read the state of {target}: it has only drain and undrain commands")]
     StateUnsupported { target: Box<TrafficTarget> },
+    #[error("aws-elbv2 {call} in target group {target_group} for {target}: {detail}")]
+    Elbv2 {
+        target_group: String,
+        call: String,
+        target: Box<TrafficTarget>,
+        detail: String,
+    },
 }
 
 /// A load balancer the rollout drains instances from, one variant per kind.
 #[derive(Clone, Debug)]
 pub enum TrafficProvider {
     Haproxy(HaproxyRuntime),
+    Elbv2(Elbv2Provider),
     Command(CommandProvider),
 }
 
@@ -163,6 +180,7 @@ impl TrafficProvider {
     pub async fn drain(&self, target: &TrafficTarget, timeout: Duration) -> Result<DrainOutcome, TrafficError> {
         match self {
             TrafficProvider::Haproxy(runtime) => runtime.drain(target, timeout).await,
+            TrafficProvider::Elbv2(provider) => provider.drain(target, timeout).await,
             TrafficProvider::Command(provider) => provider.drain(target, timeout).await,
         }
     }
@@ -172,6 +190,7 @@ impl TrafficProvider {
     pub async fn undrain(&self, target: &TrafficTarget) -> Result<(), TrafficError> {
         match self {
             TrafficProvider::Haproxy(runtime) => runtime.undrain(target).await,
+            TrafficProvider::Elbv2(provider) => provider.undrain(target).await,
             TrafficProvider::Command(provider) => provider.undrain(target).await,
         }
     }
@@ -180,6 +199,7 @@ impl TrafficProvider {
     pub async fn state(&self, target: &TrafficTarget) -> Result<ServerState, TrafficError> {
         match self {
             TrafficProvider::Haproxy(runtime) => runtime.state(target).await,
+            TrafficProvider::Elbv2(provider) => provider.state(target).await,
             TrafficProvider::Command(_) => Err(TrafficError::StateUnsupported {
                 target: Box::new(target.clone()),
             }),

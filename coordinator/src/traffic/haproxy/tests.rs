@@ -92,6 +92,23 @@ fn servers_state_responses() {
 }
 
 #[test]
+fn check_state_responses() {
+    // Captured from HAProxy 2.6.12: `a` with `check` (srv_check_state 6: configured and enabled),
+    // `b` without (0), and `a` in maintenance, where checks stay enabled (14 adds paused).
+    let rows = "3 app 1 a 127.0.0.1 2 0 1 1 2 17 2 0 6 0 0 0 - 18081 - 0 0 - - 0\n\
+                3 app 2 b 127.0.0.1 2 0 1 1 2 1 0 2 0 0 0 0 - 18082 - 0 0 - - 0\n\n";
+    let response = format!("{SERVERS_STATE_HEADER}{rows}");
+    assert_eq!(parse_checks_enabled(&response, "app", "a"), Ok(true));
+    assert_eq!(parse_checks_enabled(&response, "app", "b"), Ok(false));
+    let maint = format!("{SERVERS_STATE_HEADER}{ROWS_A_MAINT}");
+    assert_eq!(parse_checks_enabled(&maint, "app", "a"), Ok(true));
+    assert_eq!(
+        parse_checks_enabled(&response, "app", "c"),
+        Err(ResponseError::ServerNotFound)
+    );
+}
+
+#[test]
 fn stat_responses() {
     let draining = format!("{STAT_HEADER}{STAT_A_DRAIN_ONE_SESSION}");
     let idle = format!("{STAT_HEADER}{STAT_ALL_IDLE}");
