@@ -13,3 +13,4 @@ mod tls;
 mod tokens;
 mod tools;
 mod traffic;
+mod zero_downtime;

@@ -6,19 +6,11 @@ use std::process::Command;
 use rollwave_tests::Cluster;
 
 /// The Python with grpcio-health-checking and grpcio-reflection; tests/run installs it.
-fn python() -> String {
-    std::env::var("ROLLWAVE_TEST_PYTHON").unwrap_or_else(|_| {
-        panic!(
-            "ROLLWAVE_TEST_PYTHON is not set: run the suite through tests/run, which installs the Python gRPC client"
-        )
-    })
-}
-
 #[test]
 fn health_and_reflection_answer_a_python_grpc_client() {
     let cluster = Cluster::start(0);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/python/grpc_probe.py");
-    let output = Command::new(python())
+    let output = Command::new(rollwave_tests::test_python())
         .arg(script)
         .arg(cluster.coordinator.addr.to_string())
         .arg(cluster.coordinator.data_dir().join("ca.pem"))

@@ -4,7 +4,6 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -14,12 +13,11 @@ use rollwave_coordinator::traffic::{
     AdminState, CommandProvider, DrainOutcome, HaproxyRuntime, OperationalState, RuntimeAddress, ServerState,
     TrafficError, TrafficProvider, TrafficTarget,
 };
+use rollwave_tests::haproxy::{self, BACKEND};
 use rollwave_tests::wait_for;
 
 /// Requests sent through the frontend to see where traffic goes.
 const REQUEST_COUNT: usize = 20;
-/// The backend's name in the generated HAProxy configuration.
-const BACKEND: &str = "app";
 
 /// A minimal HTTP server answering every request with its own name; `/slow/MS` answers after
 /// MS milliseconds, to hold a session open.
@@ -86,38 +84,21 @@ fn answer(mut connection: TcpStream, name: &str) {
     let _ = connection.write_all(response.as_bytes());
 }
 
-/// A `haproxy -db` in the foreground with its own configuration in a temp dir; killed on drop.
+/// HAProxy in front of two app servers; the servers stop after HAProxy (fields drop in order), so
+/// it never sees them vanish.
 struct Haproxy {
-    child: Child,
-    directory: tempfile::TempDir,
+    process: haproxy::Haproxy,
     frontend_port: u16,
     tcp_api_port: u16,
-    // Stopped after HAProxy (which `drop` kills first), so it never sees its servers vanish.
     _servers: [AppServer; 2],
 }
 
 impl Haproxy {
     /// Starts HAProxy in front of servers `a` and `b` and waits until both pass their checks.
     fn start() -> Self {
-        require_haproxy();
         let servers = [AppServer::start("a"), AppServer::start("b")];
-        let directory = tempfile::tempdir().expect("temp dir");
-        let frontend_port = free_port();
-        let tcp_api_port = free_port();
-        let socket = directory.path().join("admin.sock");
-        let config = format!(
-            "global
-    stats socket {socket} level admin
-    stats socket ipv4@127.0.0.1:{tcp_api_port} level admin
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 10s
-    timeout server 10s
-frontend web
-    bind 127.0.0.1:{frontend_port}
-    default_backend {BACKEND}
-backend {BACKEND}
+        let backend = format!(
+            "backend {BACKEND}
     balance roundrobin
     option httpchk GET /health
     # Lets a test hold a session open on `a` on purpose.
@@ -125,86 +106,39 @@ backend {BACKEND}
     server a {a} check inter 100ms fall 2 rise 1
     server b {b} check inter 100ms fall 2 rise 1
 ",
-            socket = socket.display(),
             a = servers[0].address,
             b = servers[1].address,
         );
-        let config_path = directory.path().join("haproxy.cfg");
-        std::fs::write(&config_path, config).expect("write haproxy.cfg");
-        let log = std::fs::File::create(directory.path().join("haproxy.log")).expect("create haproxy.log");
-        let child = Command::new("haproxy")
-            .arg("-f")
-            .arg(&config_path)
-            .arg("-db")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("clone log handle"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn haproxy");
-        let mut haproxy = Haproxy {
-            child,
-            directory,
-            frontend_port,
-            tcp_api_port,
-            _servers: servers,
-        };
-        let provider = haproxy.provider();
+        let mut process = haproxy::Haproxy::start(&backend);
+        let provider = process.provider();
         let runtime = runtime();
         for server in ["a", "b"] {
             wait_for(&format!("haproxy to run and see server {server} up"), || {
-                if let Ok(Some(status)) = haproxy.child.try_wait() {
-                    panic!("haproxy exited ({status}):\n{}", haproxy.log());
-                }
+                process.check_running();
                 let state = runtime.block_on(provider.state(&target(server))).ok()?;
                 (state.operational == OperationalState::Running).then_some(())
             });
         }
-        haproxy
+        Haproxy {
+            frontend_port: process.frontend_port,
+            tcp_api_port: process.tcp_api_port,
+            process,
+            _servers: servers,
+        }
     }
 
     fn socket(&self) -> PathBuf {
-        self.directory.path().join("admin.sock")
+        self.process.socket()
     }
 
     fn provider(&self) -> TrafficProvider {
-        TrafficProvider::Haproxy(
-            HaproxyRuntime::new(RuntimeAddress::Unix(self.socket())).with_exchange_timeout(Duration::from_secs(5)),
-        )
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.directory.path().join("haproxy.log")).unwrap_or_default()
+        self.process.provider()
     }
 
     /// The bodies (server names) of `count` requests through the frontend.
     fn spread(&self, count: usize) -> Vec<String> {
         (0..count).map(|_| get(self.frontend_port, "/")).collect()
     }
-}
-
-impl Drop for Haproxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn require_haproxy() {
-    let installed = Command::new("haproxy")
-        .arg("-v")
-        .output()
-        .is_ok_and(|output| output.status.success());
-    assert!(
-        installed,
-        "haproxy is not installed: run the suite through tests/run, which installs it (apt-get install haproxy)"
-    );
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 /// One GET through the frontend on a fresh connection; returns the body, panics on anything
@@ -411,7 +345,7 @@ fn unknown_names_are_clear_errors() {
     }
 
     let nowhere = TrafficProvider::Haproxy(HaproxyRuntime::new(RuntimeAddress::Unix(
-        haproxy.directory.path().join("missing.sock"),
+        haproxy.socket().with_file_name("missing.sock"),
     )));
     let error = runtime.block_on(nowhere.state(&target("a"))).expect_err("no socket");
     assert!(matches!(error, TrafficError::Connect { .. }), "{error}");

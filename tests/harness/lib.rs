@@ -1,10 +1,15 @@
 //! The end-to-end harness: real `rollwave` and `rollwave-agent` processes on
 //! loopback, each in its own temp dir, killed when the test ends (pass or
 //! fail). Waiting is always on a condition with a deadline, never a sleep.
-//! `s3` adds buckets on the S3 server that `tests/run` starts.
+//! `s3` adds buckets on the S3 server that `tests/run` starts; `fleet` builds
+//! deployment scenarios on both.
 
+pub mod fleet;
+pub mod haproxy;
+pub mod load;
 pub mod s3;
 
+pub use fleet::Fleet;
 pub use s3::S3Bucket;
 
 use std::net::SocketAddr;
@@ -32,6 +37,13 @@ pub fn binary(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// The Python of the test tools venv (gRPC client, moto, boto3), which `tests/run` sets up.
+pub fn test_python() -> String {
+    std::env::var("ROLLWAVE_TEST_PYTHON").unwrap_or_else(|_| {
+        panic!("ROLLWAVE_TEST_PYTHON is not set: run the suite through tests/run, which installs the Python test tools")
+    })
 }
 
 /// Environment variables that point the CLI at a coordinator or a bucket;
