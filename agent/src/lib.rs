@@ -176,7 +176,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     if let Err(error) = installer.recover_all().await {
         tracing::warn!(%error, "cannot recover interrupted installs");
     }
-    // Keep the apps the agent runs itself alive (a no-op under systemd, which does it).
+    // Keep the apps the agent runs alive (under systemd: start again units a reboot removed).
     let services = installer.services().clone();
     let _supervision = AbortOnDrop(tokio::spawn(async move {
         loop {

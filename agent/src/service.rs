@@ -27,6 +27,8 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 const RESTART_INITIAL: Duration = Duration::from_secs(1);
 const RESTART_MAX: Duration = Duration::from_secs(30);
 const STABLE_AFTER: Duration = Duration::from_secs(60);
+/// How long to wait for systemd to unload a stopped app unit before reusing its name.
+const UNLOAD_WAIT: Duration = Duration::from_secs(5);
 
 /// Who keeps apps running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -233,6 +235,12 @@ impl Services {
             Supervision::Systemd => {
                 let unit = Self::unit_name(bundle);
                 run_quiet("systemctl", &["stop", &unit]).await?;
+                // systemd unloads the stopped (--collect) unit a moment after `stop` returns;
+                // until then `systemd-run --unit` with the same name fails ("already loaded").
+                let deadline = tokio::time::Instant::now() + UNLOAD_WAIT;
+                while unit_loaded(&unit).await && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
             }
             Supervision::Session => {
                 if let Some(pid) = record.pid.filter(|pid| is_alive(*pid, record.start_ticks)) {
@@ -251,12 +259,11 @@ impl Services {
         std::fs::remove_file(&path).map_err(|error| format!("remove {}: {error}", path.display()))
     }
 
-    /// One pass of the supervision loop (session mode): restarts apps that
-    /// died, no sooner than their backoff allows.
+    /// One pass of the supervision loop: restarts apps that died (session mode)
+    /// or whose unit is gone (under systemd: after a reboot, since transient units
+    /// do not survive one, or after it gave up restarting), no sooner than their
+    /// backoff allows.
     pub async fn restart_dead(&self) {
-        if self.supervision != Supervision::Session {
-            return;
-        }
         let _changing = self.changing.lock().await;
         let Ok(entries) = std::fs::read_dir(self.layout.state_dir().join("services")) else {
             return;
@@ -270,7 +277,12 @@ impl Services {
             let Some(mut record) = self.load(bundle) else {
                 continue;
             };
-            if record.pid.is_some_and(|pid| is_alive(pid, record.start_ticks)) {
+            let alive = match self.supervision {
+                Supervision::Session => record.pid.is_some_and(|pid| is_alive(pid, record.start_ticks)),
+                // Loaded in any state (running, restarting) is systemd's to look after.
+                Supervision::Systemd => unit_loaded(&Self::unit_name(bundle)).await,
+            };
+            if alive {
                 continue;
             }
             let up_for = Duration::from_millis(u64::try_from(now - record.started_at_unix_ms).unwrap_or(0));
@@ -292,6 +304,19 @@ impl Services {
             }
         }
     }
+}
+
+/// Whether systemd has the unit loaded (in any state); `false` when it cannot say.
+async fn unit_loaded(unit: &str) -> bool {
+    let Ok(output) = tokio::process::Command::new("systemctl")
+        .args(["show", "--property=LoadState", "--value", unit])
+        .stdin(Stdio::null())
+        .output()
+        .await
+    else {
+        return false;
+    };
+    output.status.success() && String::from_utf8_lossy(&output.stdout).trim() == "loaded"
 }
 
 /// Backoff before restart number `restarts + 1`.

@@ -3,6 +3,7 @@
 
 mod demo;
 mod deployments;
+mod hosts;
 mod install;
 mod joining;
 mod packaging;

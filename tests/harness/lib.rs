@@ -6,6 +6,7 @@
 
 pub mod fleet;
 pub mod haproxy;
+pub mod hosts;
 pub mod load;
 pub mod s3;
 
@@ -97,7 +98,8 @@ pub struct Process {
 }
 
 impl Process {
-    fn spawn(mut command: Command, log: PathBuf) -> Self {
+    /// Starts `command` with stdout and stderr going to `log`.
+    pub fn spawn(mut command: Command, log: PathBuf) -> Self {
         let file = std::fs::File::create(&log).expect("create log file");
         let child = command
             .stdin(Stdio::null())
@@ -149,6 +151,8 @@ pub struct CoordinatorSettings {
     pub heartbeat_interval: &'static str,
     pub offline_after: &'static str,
     pub extra_args: Vec<String>,
+    /// `--listen`: loopback with a free port, unless a test network needs another address.
+    pub listen: String,
 }
 
 impl Default for CoordinatorSettings {
@@ -157,6 +161,7 @@ impl Default for CoordinatorSettings {
             heartbeat_interval: "500ms",
             offline_after: "2s",
             extra_args: Vec::new(),
+            listen: "127.0.0.1:0".into(),
         }
     }
 }
@@ -179,7 +184,7 @@ impl Coordinator {
     pub fn start_with(dir: &Path, settings: CoordinatorSettings) -> Self {
         let dir = dir.join("coordinator");
         std::fs::create_dir_all(&dir).expect("coordinator dir");
-        let process = Self::spawn(&dir, "127.0.0.1:0", &settings, 0);
+        let process = Self::spawn(&dir, &settings.listen, &settings, 0);
         let config = dir.join("data/cli.toml");
         let addr = wait_for("the coordinator to write cli.toml", || {
             let text = std::fs::read_to_string(&config).ok()?;
