@@ -400,3 +400,94 @@ fn command_provider_runs_the_operators_scripts() {
         .expect_err("no state command");
     assert!(matches!(error, TrafficError::StateUnsupported { .. }), "{error}");
 }
+
+#[test]
+fn traffic_settings_are_checked_shown_planned_and_cleared() {
+    let fleet = rollwave_tests::Fleet::start(1);
+    fleet.push("1.0");
+    let coordinator = &fleet.cluster.coordinator;
+
+    // Bad settings are refused, naming the field.
+    let refused = coordinator.try_cli(&[
+        "traffic",
+        "set",
+        "web",
+        "haproxy",
+        "--runtime-api",
+        "admin.sock",
+        "--backend",
+        "app",
+    ]);
+    assert!(!refused.status.success());
+    let message = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        message.contains("runtime API") && message.contains("unix:/"),
+        "{message}"
+    );
+    let refused = coordinator.try_cli(&[
+        "traffic",
+        "set",
+        "web",
+        "haproxy",
+        "--runtime-api",
+        "/run/a.sock",
+        "--backend",
+        "app",
+        "--server",
+        "{nope}",
+    ]);
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("unknown placeholder {nope}"));
+
+    // Without a provider, --drain is refused and the plan says nothing is drained.
+    let refused = coordinator.try_cli(&["deploy", "web", "app@1.0", "--drain", "--strategy", "all-at-once"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("has no traffic provider"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let plan = coordinator.cli(&["deploy", "web", "app@1.0", "--plan", "--strategy", "all-at-once"]);
+    assert!(plan.contains("drain: none"), "{plan}");
+
+    // With one, the plan names it; --no-drain turns it off for one deployment.
+    let shown = coordinator.cli(&[
+        "traffic",
+        "set",
+        "web",
+        "haproxy",
+        "--runtime-api",
+        "/run/haproxy/admin.sock",
+        "--backend",
+        "app",
+    ]);
+    assert_eq!(
+        shown.trim(),
+        "web: haproxy at /run/haproxy/admin.sock, server app/{hostname}, drain timeout 30s"
+    );
+    let plan = coordinator.cli(&["deploy", "web", "app@1.0", "--plan", "--strategy", "all-at-once"]);
+    assert!(plan.contains("drain: each instance is drained (haproxy at"), "{plan}");
+    let plan = coordinator.cli(&[
+        "deploy",
+        "web",
+        "app@1.0",
+        "--plan",
+        "--no-drain",
+        "--strategy",
+        "all-at-once",
+    ]);
+    assert!(plan.contains("drain: none"), "{plan}");
+    let json = coordinator.cli_json(&["traffic", "show", "web"]);
+    assert_eq!(json["settings"][0]["provider"], "haproxy");
+    assert_eq!(json["settings"][0]["layer"], serde_json::Value::Null);
+
+    coordinator.cli(&["traffic", "clear", "web"]);
+    let cleared = coordinator.cli(&["traffic", "show", "web"]);
+    assert!(cleared.contains("no traffic provider"), "{cleared}");
+    let again = coordinator.try_cli(&["traffic", "clear", "web"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("has no traffic settings"));
+    let events = coordinator.cli(&["event", "list"]);
+    assert!(
+        events.contains("traffic.set") && events.contains("traffic.clear"),
+        "{events}"
+    );
+}
