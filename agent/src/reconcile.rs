@@ -220,12 +220,27 @@ async fn check_and_report(installer: &Installer, bundle: &str, version: &str, re
     Some(healthy)
 }
 
+/// Whether an install that switches `bundle` (an activation or a rollback) is under way.
+fn is_activating(installer: &Installer, bundle: &str) -> bool {
+    crate::journal::BundleJournal::load(installer.layout(), bundle).is_ok_and(|journal| {
+        journal.install.is_some_and(|active| {
+            active.job.goal == Goal::Activate && matches!(active.state, crate::install::JobState::Running { .. })
+        })
+    })
+}
+
 /// Runs the health checks of every current release, forever, reporting each
 /// result (the coordinator decides what "healthy long enough" means).
 pub async fn report_health(installer: Installer, reports: Reports) {
     let mut last: BTreeMap<String, (String, bool)> = BTreeMap::new();
     loop {
         for release in observed(&installer) {
+            if is_activating(&installer, &release.bundle) {
+                // The activation runs the health checks itself and reports the outcome; a round
+                // now could catch the app between its stop and its start and report a false
+                // "unhealthy" (which would hold the next deployment's plan below its floor).
+                continue;
+            }
             let Some(healthy) = check_and_report(&installer, &release.bundle, &release.version, &reports).await else {
                 continue;
             };
