@@ -120,7 +120,7 @@ pub struct DeploymentRequest {
 #[derive(Debug, Clone)]
 pub struct Created {
     pub plan: Plan,
-    /// How instances are drained, per layer with settings, in words; empty when they are not.
+    /// How instances are drained, per layer with settings, in words; or why they are not.
     pub drain: Vec<String>,
     pub deployment: Option<pb::Deployment>,
 }
@@ -281,23 +281,37 @@ impl Deployer {
                 });
             }
             Some(drain) => drain,
-            None => !stack_traffic.is_empty() && !plan.waves.is_empty(),
+            // All at once drains every instance together, leaving the load balancer empty: only when asked.
+            None => {
+                !stack_traffic.is_empty() && !plan.waves.is_empty() && matches!(request.strategy, Strategy::Rolling(_))
+            }
+        };
+        let off_because = if drain {
+            None
+        } else if stack_traffic.is_empty() {
+            Some("none: the stack has no traffic provider (see `rollwave traffic set`)")
+        } else if request.drain == Some(false) {
+            Some("none: --no-drain")
+        } else if plan.waves.is_empty() {
+            Some("none: no instance to update")
+        } else {
+            Some(
+                "none: all at once would take every instance out of the load balancer together (--drain does it anyway)",
+            )
         };
         let traffic = if drain { stack_traffic } else { BTreeMap::new() };
-        let drain_lines: Vec<String> = traffic
-            .iter()
-            .map(|(layer, settings)| {
-                let whose = if layer.is_empty() {
-                    "each instance".to_owned()
-                } else {
-                    format!("each instance of layer {layer}")
-                };
-                format!(
-                    "{whose} is drained ({}) before it is activated and returned once healthy",
-                    settings.describe()
-                )
-            })
-            .collect();
+        let mut drain_lines: Vec<String> = off_because.map(str::to_owned).into_iter().collect();
+        drain_lines.extend(traffic.iter().map(|(layer, settings)| {
+            let whose = if layer.is_empty() {
+                "each instance".to_owned()
+            } else {
+                format!("each instance of layer {layer}")
+            };
+            format!(
+                "{whose} is drained ({}) before it is activated and returned once healthy",
+                settings.describe()
+            )
+        }));
         if request.plan_only {
             return Ok(Created {
                 plan,

@@ -447,9 +447,13 @@ fn traffic_settings_are_checked_shown_planned_and_cleared() {
         String::from_utf8_lossy(&refused.stderr)
     );
     let plan = coordinator.cli(&["deploy", "web", "app@1.0", "--plan", "--strategy", "all-at-once"]);
-    assert!(plan.contains("drain: none"), "{plan}");
+    assert!(
+        plan.contains("drain: none: the stack has no traffic provider"),
+        "{plan}"
+    );
 
-    // With one, the plan names it; --no-drain turns it off for one deployment.
+    // With one, the plan names it; all at once drains only when asked (it would empty the load
+    // balancer); --no-drain turns it off for one deployment.
     let shown = coordinator.cli(&[
         "traffic",
         "set",
@@ -465,17 +469,22 @@ fn traffic_settings_are_checked_shown_planned_and_cleared() {
         "web: haproxy at /run/haproxy/admin.sock, server app/{hostname}, drain timeout 30s"
     );
     let plan = coordinator.cli(&["deploy", "web", "app@1.0", "--plan", "--strategy", "all-at-once"]);
-    assert!(plan.contains("drain: each instance is drained (haproxy at"), "{plan}");
+    assert!(
+        plan.contains("drain: none: all at once would take every instance out"),
+        "{plan}"
+    );
     let plan = coordinator.cli(&[
         "deploy",
         "web",
         "app@1.0",
         "--plan",
-        "--no-drain",
+        "--drain",
         "--strategy",
         "all-at-once",
     ]);
-    assert!(plan.contains("drain: none"), "{plan}");
+    assert!(plan.contains("drain: each instance is drained (haproxy at"), "{plan}");
+    let plan = coordinator.cli(&["deploy", "web", "app@1.0", "--plan", "--no-drain", "--min-healthy", "0"]);
+    assert!(plan.contains("drain: none: --no-drain"), "{plan}");
     let json = coordinator.cli_json(&["traffic", "show", "web"]);
     assert_eq!(json["settings"][0]["provider"], "haproxy");
     assert_eq!(json["settings"][0]["layer"], serde_json::Value::Null);

@@ -277,7 +277,7 @@ pub struct DeployArgs {
     #[arg(long)]
     pub no_rollback: bool,
     /// Drain each instance from the stack's load balancer before it switches, return it once healthy
-    /// [default: on when the stack has a traffic provider, see `rollwave traffic`]
+    /// [default: on for rolling deployments when the stack has a traffic provider, see `rollwave traffic`]
     #[arg(long, conflicts_with = "no_drain")]
     pub drain: bool,
     /// Switch instances while they take traffic, even when the stack has a traffic provider
@@ -963,10 +963,7 @@ fn render_plan(stack: &str, release: &ReleaseRef, plan: &PlanView) -> String {
         );
     }
     if plan.drain.is_empty() {
-        let _ = writeln!(
-            out,
-            "drain: none; instances switch while taking traffic (no traffic provider, or --no-drain)"
-        );
+        let _ = writeln!(out, "drain: none");
     }
     for line in &plan.drain {
         let _ = writeln!(out, "drain: {line}");
@@ -1959,7 +1956,7 @@ mod tests {
             plan for site@2.0 on web: no instance to update; starting it would approve site@2.0 at once, for instances that join later
 
             min healthy: no floor; a wave may take any of the 0 healthy instances out of service
-            drain: none; instances switch while taking traffic (no traffic provider, or --no-drain)
+            drain: none
         "#]]
         .assert_eq(&render_plan("web", &release, &empty));
     }

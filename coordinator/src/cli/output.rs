@@ -409,7 +409,8 @@ pub struct PlanView {
     pub min_healthy: u32,
     /// Healthy instances of the stack now, pinned ones included.
     pub healthy_total: u32,
-    /// How instances are drained from the load balancer, per layer with a provider; empty when they are not.
+    /// How instances are drained from the load balancer, per layer with a provider, or why they are not
+    /// ("none: ...").
     pub drain: Vec<String>,
 }
 

@@ -257,8 +257,18 @@ mod tests {
             .parse()
             .expect("a pid");
         // The killed grandchild is a zombie at most until its parent is reaped; it must not run.
+        // SIGKILL takes effect when the process is next scheduled, which on a loaded machine can
+        // be a moment after the kill: give it a second, not the 30 of its sleep.
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let gone = || {
+            let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
+            state.is_empty() || state.contains(") Z")
+        };
+        while !gone() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let state = std::fs::read_to_string(format!("/proc/{child}/stat")).unwrap_or_default();
-        assert!(state.is_empty() || state.contains(") Z"), "{state}");
+        assert!(gone(), "{state}");
     }
 
     #[test]
