@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use rollwave_tests::fleet;
 use rollwave_tests::hosts::{Lab, PackageSource, sha256_of, wait_long};
 use serde_json::Value;
 
@@ -73,47 +74,16 @@ fn push_app(lab: &Lab, version: &str, hook_waits: bool) {
     );
 }
 
-/// Starts a deployment of app@version (without watching); returns its id.
 fn start_deployment(lab: &Lab, version: &str, extra: &[&str]) -> String {
-    let release = format!("app@{version}");
-    let mut args = vec![
-        "deploy",
-        "web",
-        &release,
-        "--min-healthy-time",
-        "1s",
-        "--output",
-        "json",
-    ];
-    args.extend(extra);
-    let output = lab.coordinator.try_cli(&args);
-    assert!(
-        output.status.success(),
-        "deploy {release}: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let started: Value = serde_json::from_slice(&output.stdout).expect("deployment JSON");
-    started["id"].as_str().expect("deployment id").to_owned()
+    fleet::start_deployment(&lab.coordinator, version, extra)
 }
 
 fn show(lab: &Lab, id: &str) -> Value {
-    lab.coordinator.cli_json(&["deployment", "show", id])
+    fleet::show_deployment(&lab.coordinator, id)
 }
 
-/// Waits (a few minutes at most) until the deployment ends; returns it.
 fn wait_finished(lab: &Lab, id: &str) -> Value {
-    let started = Instant::now();
-    loop {
-        let shown = show(lab, id);
-        if shown["status"] != "running" {
-            return shown;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(240),
-            "deployment {id} still running: {shown}"
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    fleet::wait_deployment_finished(&lab.coordinator, id)
 }
 
 fn deploy_and_wait(lab: &Lab, version: &str, extra: &[&str]) -> Value {
@@ -122,14 +92,7 @@ fn deploy_and_wait(lab: &Lab, version: &str, extra: &[&str]) -> Value {
 }
 
 fn app_status(lab: &Lab) -> Value {
-    let status = lab.status();
-    status["bundles"]
-        .as_array()
-        .expect("bundles")
-        .iter()
-        .find(|bundle| bundle["bundle"] == "app")
-        .cloned()
-        .unwrap_or_else(|| panic!("no app in {status}"))
+    fleet::bundle_status(&lab.status(), "app").clone()
 }
 
 /// A lab with app@1.0 approved (deployed on the empty stack) and app@2.0 pushed
@@ -433,31 +396,15 @@ fn hosts_rolling_deployment_survives_a_powered_off_and_a_cut_off_host() {
         phase.starts_with("wave 2/").then_some(())
     });
     let shown = show(&lab, &id);
-    let waves = shown["waves"].as_array().expect("waves").clone();
-    let instances_of = |wave: &Value| -> Vec<String> {
-        wave["instances"]
-            .as_array()
-            .expect("instances")
-            .iter()
-            .map(|instance| {
-                instance
-                    .as_str()
-                    .or_else(|| instance["instance_id"].as_str())
-                    .expect("id")
-                    .to_owned()
-            })
-            .collect()
-    };
+    let waves = shown["waves"].as_array().expect("waves").len();
     // Victims from the last two waves: they have not switched yet.
-    let powered_off_id = instances_of(&waves[waves.len() - 1])[0].clone();
-    let cut_off_id = instances_of(&waves[waves.len() - 2])[0].clone();
+    let powered_off_id = fleet::wave_instances(&shown, waves - 1)[0].clone();
+    let cut_off_id = fleet::wave_instances(&shown, waves - 2)[0].clone();
     let powered_off = index_of(&lab, &powered_off_id);
     let cut_off = index_of(&lab, &cut_off_id);
     println!(
-        "hosts: {} waves; powering off {} and cutting off {} during wave 2",
-        waves.len(),
-        lab.instances[powered_off].name,
-        lab.instances[cut_off].name
+        "hosts: {waves} waves; powering off {} and cutting off {} during wave 2",
+        lab.instances[powered_off].name, lab.instances[cut_off].name
     );
     lab.instances[powered_off].power_off();
     lab.cut_off(cut_off);
