@@ -369,14 +369,21 @@ fn hosts_rolling_deployment_survives_a_powered_off_and_a_cut_off_host() {
     let mut lab = lab_with_approved_1_0();
     bootstrap_fleet(&mut lab, 5);
 
+    let started = Instant::now();
     let finished = deploy_and_wait(&lab, "2.0", &[]);
     assert_eq!(finished["status"], "succeeded", "{finished}\n{}", agent_journals(&lab));
     for index in 0..5 {
         wait_current(&lab, index, "2.0");
         wait_serving(&lab, index, "2.0");
     }
+    println!(
+        "hosts: rolling deployment of 2.0 across 5 hosts ({} waves) took {:.2}s",
+        finished["waves"].as_array().map_or(0, Vec::len),
+        started.elapsed().as_secs_f64()
+    );
 
     push_app(&lab, "3.0", false);
+    let started = Instant::now();
     let id = start_deployment(
         &lab,
         "3.0",
@@ -410,6 +417,11 @@ fn hosts_rolling_deployment_survives_a_powered_off_and_a_cut_off_host() {
     lab.cut_off(cut_off);
 
     let finished = wait_finished(&lab, &id);
+    println!(
+        "hosts: deployment of 3.0 with one host powered off and one cut off ended ({}) after {:.2}s",
+        finished["status"],
+        started.elapsed().as_secs_f64()
+    );
     assert_eq!(
         finished["status"], "succeeded",
         "two failures are within the threshold: {finished}"
@@ -428,13 +440,23 @@ fn hosts_rolling_deployment_survives_a_powered_off_and_a_cut_off_host() {
     assert_eq!(app_status(&lab)["approved_version"], "3.0");
 
     // Back on the network: it converges to the approved release by itself.
+    let started = Instant::now();
     lab.reconnect(cut_off);
     wait_current(&lab, cut_off, "3.0");
     wait_serving(&lab, cut_off, "3.0");
+    println!(
+        "hosts: reconnected host serving 3.0 after {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
     // So does the powered-off host when it boots again (the agent is enabled).
+    let started = Instant::now();
     lab.instances[powered_off].power_on();
     wait_current(&lab, powered_off, "3.0");
     wait_serving(&lab, powered_off, "3.0");
+    println!(
+        "hosts: powered-off host on again -> serving 3.0 after {:.2}s",
+        started.elapsed().as_secs_f64()
+    );
     wait_long("status to show all five on 3.0", || {
         let app = app_status(&lab);
         (app["running"] == serde_json::json!({"3.0": 5})).then_some(())
