@@ -4,10 +4,14 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{Cluster, S3Bucket, wait_for};
+use crate::{Cluster, Coordinator, S3Bucket, wait_for};
+
+/// How long a test deployment may run before the test gives up on it.
+const DEPLOYMENT_DEADLINE: Duration = Duration::from_secs(240);
 
 /// A stack `web` with agents, a bucket, and releases of bundle `app`.
 pub struct Fleet {
@@ -69,18 +73,7 @@ impl Fleet {
     }
 
     pub fn try_deploy(&self, version: &str, extra: &[&str]) -> Output {
-        let release = format!("app@{version}");
-        let mut args = vec![
-            "deploy",
-            "web",
-            &release,
-            "--min-healthy-time",
-            "1s",
-            "--output",
-            "json",
-        ];
-        args.extend(extra);
-        self.cluster.coordinator.try_cli(&args)
+        try_deploy(&self.cluster.coordinator, version, extra)
     }
 
     /// Deploys and watches to the end; returns the final deployment.
@@ -140,30 +133,16 @@ impl Fleet {
 
     /// Starts a deployment without watching; returns its id.
     pub fn start_deployment(&self, version: &str, extra: &[&str]) -> String {
-        let output = self.try_deploy(version, extra);
-        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-        let started: Value = serde_json::from_slice(&output.stdout).expect("deployment JSON");
-        started["id"].as_str().expect("id").to_owned()
+        start_deployment(&self.cluster.coordinator, version, extra)
     }
 
     pub fn show(&self, id: &str) -> Value {
-        self.cluster.coordinator.cli_json(&["deployment", "show", id])
+        show_deployment(&self.cluster.coordinator, id)
     }
 
     /// Waits (up to a few minutes) until the deployment ends; returns it.
     pub fn wait_finished(&self, id: &str) -> Value {
-        let started = std::time::Instant::now();
-        loop {
-            let shown = self.show(id);
-            if shown["status"] != "running" {
-                return shown;
-            }
-            assert!(
-                started.elapsed() < std::time::Duration::from_secs(240),
-                "deployment {id} still running: {shown}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(250));
-        }
+        wait_deployment_finished(&self.cluster.coordinator, id)
     }
 
     pub fn switches_to(&self, index: usize, version: &str) -> usize {
@@ -171,6 +150,56 @@ impl Fleet {
             .iter()
             .filter(|(switched, _)| switched == version)
             .count()
+    }
+}
+
+/// `rollwave deploy web app@<version>` with a 1 s minimum healthy time and JSON
+/// output, plus `extra` flags; for fleets of any shape (agent processes or container hosts).
+pub fn try_deploy(coordinator: &Coordinator, version: &str, extra: &[&str]) -> Output {
+    let release = format!("app@{version}");
+    let mut args = vec![
+        "deploy",
+        "web",
+        &release,
+        "--min-healthy-time",
+        "1s",
+        "--output",
+        "json",
+    ];
+    args.extend(extra);
+    coordinator.try_cli(&args)
+}
+
+/// Starts a deployment of app@version without watching; returns its id.
+pub fn start_deployment(coordinator: &Coordinator, version: &str, extra: &[&str]) -> String {
+    let output = try_deploy(coordinator, version, extra);
+    assert!(
+        output.status.success(),
+        "deploy app@{version}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let started: Value = serde_json::from_slice(&output.stdout).expect("deployment JSON");
+    started["id"].as_str().expect("deployment id").to_owned()
+}
+
+/// `rollwave deployment show ID`.
+pub fn show_deployment(coordinator: &Coordinator, id: &str) -> Value {
+    coordinator.cli_json(&["deployment", "show", id])
+}
+
+/// Waits (up to [`DEPLOYMENT_DEADLINE`]) until the deployment ends; returns it.
+pub fn wait_deployment_finished(coordinator: &Coordinator, id: &str) -> Value {
+    let started = Instant::now();
+    loop {
+        let shown = show_deployment(coordinator, id);
+        if shown["status"] != "running" {
+            return shown;
+        }
+        assert!(
+            started.elapsed() < DEPLOYMENT_DEADLINE,
+            "deployment {id} still running after {DEPLOYMENT_DEADLINE:?}: {shown}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
 

@@ -10,6 +10,13 @@
 //! overlays, namespaces, the route, processes) is removed on drop, also when a
 //! test fails, and leftovers of a crashed run are removed before the next starts.
 //!
+//! Cgroup rule: every container runs in its own cgroup (`rollwave-hosts/<name>` in
+//! each hierarchy systemd manages, see [`ContainerCgroup`]). PID 1 of these machines
+//! is not systemd, so `systemd-nspawn --keep-unit` would otherwise create its
+//! `payload/` cgroup at the root for every container alike: five systemd instances
+//! would then share `/payload/system.slice/<unit>`, and stopping an app in one
+//! container fails with EIO on the other containers' processes in the same cgroup.
+//!
 //! The test thread itself moves into the control namespace ([`Lab::start`]):
 //! every process it starts from then on (coordinator, CLI, curl) is on the test
 //! network, as an operator's machine would be; it moves back to the root
@@ -40,6 +47,10 @@ const S3_PORT: u16 = 9000;
 const WORK_BASE: &str = "/var/tmp/rollwave-hosts";
 /// Where the bucket keeps the agent packages (public-read, so plain http:// works too).
 const PACKAGE_KEY_PREFIX: &str = "packages";
+/// Under this cgroup, in each hierarchy systemd manages, every container gets its own.
+const CGROUP_BASE: &str = "rollwave-hosts";
+/// How long the processes of a stopped container may take to leave its cgroup.
+const CGROUP_EMPTY_DEADLINE: Duration = Duration::from_secs(10);
 /// Boots take well under a second here; installs and deployments take longer.
 pub const HOST_DEADLINE: Duration = Duration::from_secs(120);
 
@@ -211,6 +222,211 @@ fn cmdline(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// A cgroup hierarchy that a container's systemd manages: the named v1
+/// hierarchy `name=systemd` (hybrid and legacy layouts) or the cgroup2 one.
+#[derive(Debug, Clone)]
+struct Hierarchy {
+    /// Where it is mounted, e.g. `/sys/fs/cgroup/unified`.
+    mount_point: PathBuf,
+    /// The subtree of the hierarchy that mount shows (`/` unless the mount is a bind of a subtree).
+    mount_root: String,
+    /// Its key in `/proc/<pid>/cgroup`: `name=systemd`, or empty for cgroup2.
+    key: &'static str,
+}
+
+impl Hierarchy {
+    /// Every mounted `name=systemd` and cgroup2 hierarchy, from `/proc/self/mountinfo`.
+    fn all() -> Vec<Self> {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("read /proc/self/mountinfo");
+        let mut found: Vec<Self> = Vec::new();
+        for line in mounts.lines() {
+            // "id parent major:minor root mount-point options [optional fields] - type source super-options"
+            let Some((before, after)) = line.split_once(" - ") else {
+                continue;
+            };
+            let fields: Vec<&str> = before.split(' ').collect();
+            let tail: Vec<&str> = after.split(' ').collect();
+            let (Some(root), Some(point), Some(kind), Some(options)) =
+                (fields.get(3), fields.get(4), tail.first(), tail.get(2))
+            else {
+                continue;
+            };
+            let key = match *kind {
+                "cgroup2" => "",
+                "cgroup" if options.split(',').any(|option| option == "name=systemd") => "name=systemd",
+                _ => continue,
+            };
+            // A hierarchy mounted twice is used once.
+            if found.iter().any(|known| known.key == key) {
+                continue;
+            }
+            found.push(Self {
+                mount_point: PathBuf::from(point),
+                mount_root: (*root).to_owned(),
+                key,
+            });
+        }
+        found
+    }
+
+    fn base(&self) -> PathBuf {
+        self.mount_point.join(CGROUP_BASE)
+    }
+}
+
+/// One container's own cgroup, `rollwave-hosts/<name>` in every hierarchy systemd manages
+/// (see the module's cgroup rule). systemd-nspawn is started inside it (through `sh`,
+/// which moves itself there and execs nspawn: no `pre_exec` without `unsafe`) and
+/// puts itself in `supervisor/` and the container in `payload/` below it.
+#[derive(Debug)]
+struct ContainerCgroup {
+    name: String,
+    hierarchies: Vec<Hierarchy>,
+}
+
+impl ContainerCgroup {
+    /// Creates the cgroup in every hierarchy, after removing what an earlier boot left;
+    /// fails the test, naming the cause, if it cannot.
+    fn create(name: &str) -> Self {
+        let hierarchies = Hierarchy::all();
+        assert!(
+            !hierarchies.is_empty(),
+            "no name=systemd or cgroup2 hierarchy is mounted (see /proc/self/mountinfo): the container-host \
+             tests give each container its own cgroup so their systemd instances do not share units; \
+             mount one (e.g. `mount -t cgroup2 none /sys/fs/cgroup/unified`)"
+        );
+        let cgroup = Self {
+            name: name.to_owned(),
+            hierarchies,
+        };
+        if let Err(error) = cgroup.remove() {
+            panic!("{name}: the cgroup of its previous boot is still in use: {error}");
+        }
+        for dir in cgroup.dirs() {
+            std::fs::create_dir_all(&dir).unwrap_or_else(|error| {
+                panic!(
+                    "cannot create the cgroup {}: {error}. The container-host tests give each container \
+                     its own cgroup (otherwise the containers' systemd instances share units and \
+                     stopping one container's app fails with EIO); they need root and a writable \
+                     cgroup hierarchy",
+                    dir.display()
+                )
+            });
+        }
+        cgroup
+    }
+
+    fn dirs(&self) -> Vec<PathBuf> {
+        self.hierarchies
+            .iter()
+            .map(|hierarchy| hierarchy.base().join(&self.name))
+            .collect()
+    }
+
+    /// `program args…` as a command that first moves itself into this cgroup.
+    fn command(&self, program: &str) -> Command {
+        let mut command = Command::new("sh");
+        command
+            .arg("-c")
+            .arg(
+                r#"while [ "$1" != -- ]; do echo $$ > "$1" || { echo "cannot join the cgroup $1" >&2; exit 125; }; shift; done; shift; exec "$@""#,
+            )
+            .arg("sh");
+        for dir in self.dirs() {
+            command.arg(dir.join("cgroup.procs"));
+        }
+        command.arg("--").arg(program);
+        command
+    }
+
+    /// Fails the test unless `pid` (the container's PID 1) runs inside this cgroup.
+    fn assert_contains(&self, pid: u32) {
+        let membership = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        for hierarchy in &self.hierarchies {
+            let expected = format!(
+                "{}/{CGROUP_BASE}/{}/",
+                hierarchy.mount_root.trim_end_matches('/'),
+                self.name
+            );
+            let actual = membership.lines().find_map(|line| {
+                let mut parts = line.splitn(3, ':');
+                let (_, key, path) = (parts.next()?, parts.next()?, parts.next()?);
+                (key == hierarchy.key).then_some(path)
+            });
+            assert!(
+                actual.is_some_and(|path| path.starts_with(&expected)),
+                "{}: its systemd runs in cgroup {actual:?} of hierarchy {:?}, not under {expected}",
+                self.name,
+                hierarchy.mount_point
+            );
+        }
+    }
+
+    /// Removes the cgroup and what the container's systemd created below it, waiting
+    /// (up to [`CGROUP_EMPTY_DEADLINE`]) for its last processes to exit.
+    fn remove(&self) -> Result<(), String> {
+        for dir in self.dirs() {
+            remove_cgroup_tree(&dir)?;
+        }
+        Ok(())
+    }
+}
+
+/// Removes a cgroup directory and its children, deepest first (a cgroup is removed
+/// with rmdir once no process is left in it).
+fn remove_cgroup_tree(dir: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    loop {
+        match remove_cgroup_dirs(dir) {
+            Ok(()) => return Ok(()),
+            Err(error) if started.elapsed() > CGROUP_EMPTY_DEADLINE => {
+                return Err(format!(
+                    "cannot remove {} after {CGROUP_EMPTY_DEADLINE:?}: {error}",
+                    dir.display()
+                ));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+fn remove_cgroup_dirs(dir: &Path) -> std::io::Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
+    };
+    for entry in entries {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            remove_cgroup_dirs(&entry.path())?;
+        }
+    }
+    match std::fs::remove_dir(dir) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// Kills whatever still runs in the containers' cgroups (cgroup2's `cgroup.kill`) and
+/// removes them: leftovers of a crashed run. Panics if they cannot be removed, since a
+/// container sharing a stale cgroup would break the scenario in confusing ways.
+fn remove_leftover_cgroups() {
+    for hierarchy in Hierarchy::all() {
+        let base = hierarchy.base();
+        if !base.exists() {
+            continue;
+        }
+        let kill = base.join("cgroup.kill");
+        if kill.exists() {
+            let _ = std::fs::write(&kill, "1");
+        }
+        if let Err(error) = remove_cgroup_tree(&base) {
+            panic!("leftover container cgroups: {error}; stop the processes listed in its cgroup.procs files");
+        }
+    }
+}
+
 /// Removes everything a previous (crashed) run may have left: containers it
 /// started (only pids it recorded, and only if they are still its nspawn
 /// processes), overlay mounts under the work dir, namespaces named `rwh-*`,
@@ -251,6 +467,7 @@ fn remove_leftovers() {
             }
         }
     }
+    remove_leftover_cgroups();
     let _ = run("ip", &["route", "del", "blackhole", SUBNET]);
     let _ = std::fs::remove_dir_all(WORK_BASE);
 }
@@ -355,6 +572,10 @@ impl Drop for TestNetwork {
         let _ = run("ip", &["netns", "del", CONTROL_NETNS]);
         let _ = run("ip", &["route", "del", "blackhole", SUBNET]);
         let _ = std::fs::remove_dir_all(WORK_BASE);
+        // The instances removed their own cgroups; this removes the base they shared.
+        for hierarchy in Hierarchy::all() {
+            let _ = remove_cgroup_tree(&hierarchy.base());
+        }
     }
 }
 
@@ -370,6 +591,8 @@ pub struct Instance {
     link: String,
     dir: PathBuf,
     nspawn: Option<Child>,
+    /// The container's own cgroup while it is powered on.
+    cgroup: Option<ContainerCgroup>,
     leader: u32,
     boots: u32,
     /// When the last boot was started.
@@ -386,13 +609,17 @@ impl Instance {
     pub fn power_on(&mut self) {
         assert!(self.nspawn.is_none(), "{} is already on", self.name);
         let log = File::create(self.dir.join(format!("nspawn-{}.log", self.boots))).expect("nspawn log");
+        let log_path = self.dir.join(format!("nspawn-{}.log", self.boots));
         self.powered_on_at = Instant::now();
-        let child = Command::new("systemd-nspawn")
+        let cgroup = ContainerCgroup::create(&self.name);
+        let child = cgroup
+            .command("systemd-nspawn")
             .arg("--boot")
             .arg(format!("--directory={}", self.root().display()))
             .arg(format!("--machine={PREFIX}{}", self.name))
             .arg(format!("--network-namespace-path=/run/netns/{}", self.netns))
-            // No systemd on the host: no machined to register with, no scope to create.
+            // No systemd on the host: no machined to register with, no scope to create;
+            // nspawn stays in the cgroup it starts in (the container's own, see ContainerCgroup).
             .args([
                 "--register=no",
                 "--keep-unit",
@@ -410,10 +637,19 @@ impl Instance {
         self.nspawn = Some(child);
         self.boots += 1;
         self.leader = wait_for(&format!("{}'s systemd to start", self.name), || {
+            if let Some(status) = self.nspawn.as_mut().and_then(|child| child.try_wait().ok().flatten()) {
+                panic!(
+                    "{}: systemd-nspawn exited at start ({status}):\n{}",
+                    self.name,
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
             children(nspawn_pid).into_iter().find(|pid| {
                 std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| comm.trim() == "systemd")
             })
         });
+        cgroup.assert_contains(self.leader);
+        self.cgroup = Some(cgroup);
         // Until its manager socket exists, systemctl cannot ask; then --wait waits for the boot.
         let state = wait_for(&format!("{} to finish booting", self.name), || {
             let output = self.exec(&["timeout", "60", "systemctl", "is-system-running", "--wait"]);
@@ -530,6 +766,16 @@ impl Instance {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
+        self.remove_cgroup();
+    }
+
+    /// Removes the container's cgroup once it has stopped (its processes are gone with its PID 1).
+    fn remove_cgroup(&mut self) {
+        if let Some(cgroup) = self.cgroup.take()
+            && let Err(error) = cgroup.remove()
+        {
+            eprintln!("{}: {error}", self.name);
+        }
     }
 
     /// `systemctl reboot` inside; systemd-nspawn exits when the container reboots,
@@ -549,6 +795,7 @@ impl Instance {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
+        self.remove_cgroup();
         self.power_on();
     }
 }
@@ -696,6 +943,7 @@ impl Lab {
             link: name.clone(),
             dir,
             nspawn: None,
+            cgroup: None,
             leader: 0,
             boots: 0,
             powered_on_at: Instant::now(),
