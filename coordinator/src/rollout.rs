@@ -691,7 +691,9 @@ impl Rollout {
                 let returning = self
                     .targets
                     .values()
-                    .filter(|target| target.traffic != Traffic::InService && self.may_return(target))
+                    .filter(|target| {
+                        target.traffic.is_moving() || (target.traffic == Traffic::Drained && self.may_return(target))
+                    })
                     .count();
                 format!(
                     "returning {} to the load balancer, then to {then}{paused}",
