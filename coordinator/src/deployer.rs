@@ -818,7 +818,9 @@ fn apply_change(wish: &mut Wish, live: &Live, change: Action) {
             wish.prepare.remove(&key);
             wish.active.insert(bundle, live.row.version.clone());
         }
-        Action::SwitchBack => {
+        // The agent switched itself back (Revert) or is asked to (SwitchBack): either way the instance should
+        // run the previous release again, and a later push must not activate this one.
+        Action::SwitchBack | Action::Revert => {
             wish.prepare.remove(&key);
             match &live.record.previous {
                 Some(previous) => {

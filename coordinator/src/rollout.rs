@@ -55,7 +55,10 @@
 //!   wave) and get Prepare at once; a wave starts only when all its instances
 //!   are done preparing, so a joiner is never activated unprepared.
 //! - **Activation failure**: the agent has already switched itself back, so
-//!   the instance counts as a failure but gets no SwitchBack.
+//!   the instance counts as a failure but gets no SwitchBack. It gets a
+//!   [`Action::Revert`] instead: its desired state names the previous release
+//!   again, or the next push (a reconnect, the next deployment's prepare)
+//!   would activate the failed release, outside any drain.
 //! - **Settled instances** of any started wave that turn unhealthy or are lost
 //!   count as failures for as long as the rollout goes on, not only during a
 //!   bake: a release that goes bad anywhere stops the next wave.
@@ -455,6 +458,10 @@ pub enum Action {
     Activate,
     /// If running this epoch's release, return to the previous one; either way report switched back.
     SwitchBack,
+    /// Nothing for the agent to do: it switched itself back when its activation failed. The instance's desired
+    /// state returns to the previous release, so that no later push (a reconnect, the next deployment's prepare)
+    /// activates the release that failed there again. Not held by a pause, since nothing changes on the instance.
+    Revert,
     /// For the traffic provider, not the agent: take the instance out of the load balancer's rotation.
     Drain,
     /// For the traffic provider, not the agent: put the instance back into rotation.
@@ -737,7 +744,11 @@ impl Rollout {
                 }
             }
             Input::Tick => {}
-            Input::Report { instance, report } => self.record_report(&instance, report, now_ms),
+            Input::Report { instance, report } => {
+                if self.record_report(&instance, report, now_ms) {
+                    commands.push(self.command(&instance, Action::Revert, false));
+                }
+            }
             Input::InstanceLost(instance) => self.record_loss(&instance, now_ms),
             Input::InstanceJoined(instance) => self.add_late_joiner(instance),
             Input::Pause => {
@@ -771,17 +782,20 @@ impl Rollout {
         }
     }
 
-    fn record_report(&mut self, instance: &str, report: Report, now_ms: i64) {
+    /// Records an agent's or the traffic provider's report; returns whether the agent has just switched itself
+    /// back after a failed activation (its desired state must then [revert](Action::Revert)).
+    fn record_report(&mut self, instance: &str, report: Report, now_ms: i64) -> bool {
         let Some(target) = self.targets.get(instance) else {
-            return; // not a target of this deployment
+            return false; // not a target of this deployment
         };
         if matches!(
             report,
             Report::Drained | Report::DrainFailed(_) | Report::Undrained | Report::UndrainFailed(_)
         ) {
             self.record_traffic(instance, report, now_ms);
-            return;
+            return false;
         }
+        let switched_itself_back = matches!(report, Report::ActivateFailed(_));
         let next = match (&target.state, report) {
             (InstanceState::Preparing, Report::Prepared) => InstanceState::Prepared,
             (InstanceState::Preparing, Report::PrepareFailed(message)) => InstanceState::Failed {
@@ -843,9 +857,18 @@ impl Rollout {
             }
             // Stale or out of order (Healthy before Activated, a repeat, a report for a finished step): nothing
             // changes, and it is not progress.
-            _ => return,
+            _ => return false,
         };
+        let reverts = switched_itself_back
+            && matches!(
+                next,
+                InstanceState::Failed {
+                    needs_switch_back: false,
+                    ..
+                }
+            );
         self.set_state(instance, next, now_ms, true);
+        reverts
     }
 
     /// The traffic provider's answer about `instance`. A failure halts the deployment (see [`Rollout::step`]); a
@@ -1606,6 +1629,7 @@ mod tests {
             Action::Prepare => "prepare",
             Action::Activate => "activate",
             Action::SwitchBack => "switch-back",
+            Action::Revert => "revert",
             Action::Drain => "drain",
             Action::Undrain => "undrain",
         };
@@ -1954,7 +1978,7 @@ mod tests {
                 4 activate-failed b
                     rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 undraining, 1 switching back
                     a=switching-back(out) b=undraining
-                    > undrain b, switch-back a
+                    > revert b, undrain b, switch-back a
                 5 undrained b
                     rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 switching back
                     a=switching-back(out) b=failed
@@ -2235,6 +2259,7 @@ mod tests {
                 2 activate-failed canary
                     failed: 1 failure, 0 allowed; last: canary: activation failed: application_start exited 1
                     canary=failed b=prepared c=prepared
+                    > revert canary
             "#]],
         );
     }
@@ -2287,6 +2312,7 @@ mod tests {
                 15 activate-failed c
                     wave 2/3: 1 activated, 1 failed; 1 failure, 1 allowed
                     a=settled b=activated c=failed d=prepared
+                    > revert c
                 16 healthy b
                     wave 2/3: 1 healthy, 1 failed; 1 failure, 1 allowed
                     a=settled b=healthy c=failed d=prepared
@@ -2585,6 +2611,7 @@ mod tests {
                 8 activate-failed b
                     rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 activated (paused: switch backs wait for resume or abort)
                     a=activated b=failed c=prepared late=prepared
+                    > revert b
                 9 resume
                     rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 switching back
                     a=switching-back b=failed c=prepared late=prepared
@@ -2886,6 +2913,7 @@ mod tests {
                 5 activate-failed b
                     rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 activating (paused: switch backs wait for resume or abort)
                     a=activating b=failed c=prepared late=pending
+                    > revert b
                 6 restarted
                     rolling back (failed: 1 failure, 0 allowed; last: b: activation failed: application_start exited 1): 1 activating (paused: switch backs wait for resume or abort)
                     a=activating b=failed c=prepared late=pending
@@ -3517,7 +3545,9 @@ mod tests {
         let mut sent = harness.sent.clone();
         if before.is_paused() && !matches!(input, Input::Resume | Input::Abort) {
             prop_assert!(
-                commands.iter().all(|command| command.resend),
+                commands
+                    .iter()
+                    .all(|command| command.resend || command.action == Action::Revert),
                 "new commands while paused: {commands:?}"
             );
         }
@@ -3583,6 +3613,20 @@ mod tests {
                         }
                     }
                     Action::SwitchBack => prop_assert!(issued(Action::Activate), "switch back without activate"),
+                    Action::Revert => {
+                        prop_assert!(issued(Action::Activate), "revert without activate");
+                        prop_assert!(
+                            matches!(
+                                after.targets[&command.instance].state,
+                                InstanceState::Failed {
+                                    needs_switch_back: false,
+                                    ..
+                                }
+                            ),
+                            "revert of an instance that did not switch itself back: {:?}",
+                            command
+                        );
+                    }
                     Action::Drain | Action::Undrain => unreachable!("checked above"),
                 }
                 if command.action == Action::Activate && after.options.drain {

@@ -119,6 +119,39 @@ fn a_release_failing_its_health_check_is_stopped_at_the_canary() {
     );
 }
 
+/// Field trial: a canary whose activation failed switched itself back, but the coordinator still
+/// wished it the failed release, so the next push to it (a reconnect, or as here the next
+/// deployment's prepare) activated that release again, undrained, and it answered users.
+#[test]
+fn a_release_whose_activation_failed_is_not_activated_again_by_a_later_push() {
+    let fleet = fleet_on_v1();
+    fleet.push("2.0");
+    let unhealthy = fleet.control("unhealthy-2.0");
+    std::fs::write(&unhealthy, b"").expect("control");
+    let (ok, deployment) = fleet.deploy_and_watch("2.0", &["--healthy-deadline", "20s"]);
+    assert!(!ok, "{deployment}");
+    assert!(
+        deployment["failures"][0]
+            .as_str()
+            .is_some_and(|failure| failure.contains("activation failed")),
+        "the agent switched itself back: {deployment}"
+    );
+    // Activated again, 2.0 would now pass its health check and stay (and be recorded).
+    std::fs::remove_file(&unhealthy).expect("control");
+    fleet.push("3.0");
+    let (ok, deployment) = fleet.deploy_and_watch("3.0", &[]);
+    assert!(ok, "{deployment}");
+    fleet.wait_all_on("3.0");
+    for index in 0..fleet.cluster.agents.len() {
+        assert_eq!(
+            fleet.switches_to(index, "2.0"),
+            0,
+            "agent {index} never ran 2.0: {:?}",
+            fleet.activations(index)
+        );
+    }
+}
+
 #[test]
 fn a_second_deployment_of_the_same_bundle_is_refused_while_one_runs() {
     let fleet = fleet_on_v1();
