@@ -340,6 +340,7 @@ impl Deployer {
         let mut options = request.options.clone();
         options.failure_threshold = request.failure_threshold.of(targets);
         options.drain = drain;
+        options.switch_back_batch = plan.switch_back_batch();
         let previous = shared
             .store
             .approved(&request.stack)
@@ -776,6 +777,18 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
         let mut wish = wishes::wish_of(shared, instance, &instance_record.stack).await?;
         apply_change(&mut wish, live, command.action);
         wishes::send(shared, instance, &wish).await?;
+        if command.action == Action::SwitchBack && !command.resend {
+            let back_to = live.record.previous.as_deref().unwrap_or("no release");
+            shared
+                .audit(
+                    "coordinator",
+                    "deployment.switch_back",
+                    instance,
+                    "sent",
+                    format!("to {back_to}; deployment {}", live.row.id),
+                )
+                .await;
+        }
     }
     if finished_now {
         // Targets that never switched drop the release they prepared.

@@ -424,6 +424,29 @@ fn fill_waves<'a>(targets: &[&'a Candidate], batch_size: u32, spare: u32) -> Vec
     waves
 }
 
+impl Plan {
+    /// How many instances a rollback of this plan switches back at a time: the deployment's batch (the largest
+    /// wave after the canary; every target for all at once), and no more than the healthy instances the floor can
+    /// spare, so that switching back never takes the stack below the floor a wave could not cross either. At least
+    /// one, so that a rollback always moves. A rollback has no canary and no bake: the release already failed.
+    pub fn switch_back_batch(&self) -> u32 {
+        let largest = |with_canary: bool| {
+            self.waves
+                .iter()
+                .filter(|wave| with_canary || wave.kind != WaveKind::Canary)
+                .map(|wave| saturating_u32(wave.instances.len()))
+                .max()
+        };
+        let batch = largest(false).or_else(|| largest(true)).unwrap_or(1);
+        let capped = if self.min_healthy == 0 {
+            batch
+        } else {
+            batch.min(self.healthy_total.saturating_sub(self.min_healthy))
+        };
+        capped.max(1)
+    }
+}
+
 fn ids(instances: &[&Candidate]) -> Vec<String> {
     instances.iter().map(|instance| instance.id.clone()).collect()
 }
@@ -482,6 +505,22 @@ mod tests {
 
     fn defaults() -> Strategy {
         Strategy::Rolling(RollingOptions::default())
+    }
+
+    #[test]
+    fn a_rollback_switches_back_a_batch_at_a_time_within_the_floor() {
+        let batch = |spec: &str, strategy: &Strategy| plan(&stack(spec), strategy).expect("a plan").switch_back_batch();
+        let eight = "a: a1 a2 a3 a4; b: b1 b2 b3 b4";
+        // The zone batch (50 % of 4), the canary aside; a floor of 75 % of 8 spares 2.
+        assert_eq!(batch(eight, &rolling(1, "50%", "75%")), 2);
+        // The floor spares fewer than the batch: 7 of 8 must stay, so one at a time.
+        assert_eq!(batch(eight, &rolling(1, "4", "7")), 1);
+        // No floor: the batch alone.
+        assert_eq!(batch(eight, &rolling(1, "3", "0")), 3);
+        // All at once switches back everything together, as it deployed.
+        assert_eq!(batch(eight, &Strategy::AllAtOnce), 8);
+        // A canary alone (a stack of one) still moves.
+        assert_eq!(batch("a: a1", &rolling(1, "25%", "0")), 1);
     }
 
     /// `canary:[a1] z1:[a2 a3] … | skipped a4 (pinned) | healthy 6 of 6, floor 5`, or `error: …`.

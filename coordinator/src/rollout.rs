@@ -100,6 +100,12 @@ pub struct RolloutOptions {
     /// is healthy (set when the stack has a traffic provider, unless the operator said `--no-drain`).
     #[serde(default)]
     pub drain: bool,
+    /// How many instances a rollback switches back at a time (each drained first when the deployment drains, and
+    /// returned before the next batch starts): the deployment's batch within the minimum-healthy floor (see
+    /// `Plan::switch_back_batch`). 0 switches back every instance at once, as deployments recorded before this
+    /// option did.
+    #[serde(default)]
+    pub switch_back_batch: u32,
 }
 
 impl Default for RolloutOptions {
@@ -112,6 +118,7 @@ impl Default for RolloutOptions {
             bake_ms: 0,
             rollback_on_failure: true,
             drain: false,
+            switch_back_batch: 0,
         }
     }
 }
@@ -677,7 +684,11 @@ impl Rollout {
                 } else {
                     ""
                 };
-                format!("rolling back ({why}): {states}{held}")
+                let batch = match self.options.switch_back_batch {
+                    0 => String::new(),
+                    batch => format!(", {} at a time", count_of(usize::try_from(batch).unwrap_or(usize::MAX), "instance", "instances")),
+                };
+                format!("rolling back ({why}){batch}: {states}{held}")
             }
             Phase::Succeeded => format!(
                 "succeeded: {} of {} instances on the release; {failures}",
@@ -1282,6 +1293,11 @@ impl Rollout {
             // then decide), unless it may run a release that failed and could not be switched back.
             return !matches!(target.state, InstanceState::SwitchBackFailed { .. });
         }
+        if matches!(self.phase, Phase::RollingBack { .. }) && target.state.needs_switch_back() {
+            // Out of the load balancer to be switched back (or about to be): it returns once back on the previous
+            // release, however healthy the release it runs looks now.
+            return false;
+        }
         match target.state {
             InstanceState::Activated {
                 healthy_since_ms: Some(_),
@@ -1395,21 +1411,58 @@ impl Rollout {
         }
     }
 
+    /// Switches back, a batch at a time: instances already out of the load balancer at once (they take no
+    /// traffic), then those in service up to [`RolloutOptions::switch_back_batch`] out at a time, each drained
+    /// first when the deployment drains. An instance is out until it is back in service, so a batch starts only
+    /// once the previous one has returned.
     fn send_switch_backs(&mut self, now_ms: i64, commands: &mut Vec<Command>) {
-        let due: Vec<String> = self
+        let out_of_rotation: Vec<String> = self
             .instances_in_wave_order()
-            .filter(|(_, target)| target.state.needs_switch_back())
+            .filter(|(_, target)| {
+                target.state.needs_switch_back()
+                    && matches!(target.traffic, Traffic::Drained | Traffic::LeftDrained { .. })
+            })
             .map(|(instance, _)| instance.to_owned())
             .collect();
-        for instance in due {
-            self.set_state(
-                &instance,
-                InstanceState::SwitchingBack { since_ms: now_ms },
-                now_ms,
-                false,
-            );
-            commands.push(self.command(&instance, Action::SwitchBack, false));
+        for instance in out_of_rotation {
+            self.switch_back(&instance, now_ms, commands);
         }
+        let batch = match self.options.switch_back_batch {
+            0 => usize::MAX,
+            batch => usize::try_from(batch).unwrap_or(usize::MAX),
+        };
+        let mut out = self.targets.values().filter(|target| is_out_for_rollback(target)).count();
+        // Failed instances first: they are not healthy, so taking them out costs the stack nothing.
+        let mut in_service: Vec<(bool, String)> = self
+            .instances_in_wave_order()
+            .filter(|(_, target)| target.state.needs_switch_back() && target.traffic == Traffic::InService)
+            .map(|(instance, target)| {
+                let healthy = !matches!(target.state, InstanceState::Failed { .. });
+                (healthy, instance.to_owned())
+            })
+            .collect();
+        in_service.sort_by_key(|(healthy, _)| *healthy);
+        let in_service = in_service.into_iter().map(|(_, instance)| instance);
+        for instance in in_service {
+            if out >= batch {
+                break;
+            }
+            out += 1;
+            if self.options.drain {
+                // Switched back once the provider reports it drained (the first loop above, next pass).
+                if let Some(target) = self.targets.get_mut(&instance) {
+                    target.traffic = Traffic::Draining { since_ms: now_ms };
+                }
+                commands.push(self.command(&instance, Action::Drain, false));
+            } else {
+                self.switch_back(&instance, now_ms, commands);
+            }
+        }
+    }
+
+    fn switch_back(&mut self, instance: &str, now_ms: i64, commands: &mut Vec<Command>) {
+        self.set_state(instance, InstanceState::SwitchingBack { since_ms: now_ms }, now_ms, false);
+        commands.push(self.command(instance, Action::SwitchBack, false));
     }
 
     // ---- helpers ----
@@ -1481,6 +1534,22 @@ fn validate(options: &RolloutOptions) -> Result<(), RolloutError> {
         }
     }
     Ok(())
+}
+
+/// Whether a rollback has `target` out of service: being drained for its switch back, switching back, or back on
+/// the previous release but not yet returned to the load balancer. It holds a place in the rollback's batch.
+fn is_out_for_rollback(target: &Target) -> bool {
+    let involved = target.state.needs_switch_back() || target.state == InstanceState::SwitchedBack;
+    match target.state {
+        InstanceState::SwitchingBack { .. } => true,
+        _ => {
+            involved
+                && matches!(
+                    target.traffic,
+                    Traffic::Draining { .. } | Traffic::Drained | Traffic::Undraining { .. }
+                )
+        }
+    }
 }
 
 fn is_switch_back_state(state: &InstanceState) -> bool {
@@ -1555,6 +1624,7 @@ mod tests {
             bake_ms: 0,
             rollback_on_failure: true,
             drain: false,
+            switch_back_batch: 0,
         }
     }
 
@@ -1804,6 +1874,151 @@ mod tests {
                 64 undrained a
                     failed: 1 failure, 0 allowed; last: a: not healthy for 10s within 1m of activation; 1 switched back
                     a=switched-back b=prepared
+            "#]],
+        );
+    }
+
+    /// Field trial: an instance that failed after its wave settled had every switched instance switched back at
+    /// once and without drain, and long requests got HTTP 502. Switching back goes a batch at a time (here 1, the
+    /// floor's allowance), each instance drained first and returned before the next one goes; instances already out
+    /// of the load balancer go at once, and the failed instance before the healthy ones.
+    #[test]
+    fn a_rollback_drains_and_switches_back_a_batch_at_a_time() {
+        check(
+            rollout(
+                &[&["a"], &["b", "c"], &["d"]],
+                RolloutOptions {
+                    switch_back_batch: 1,
+                    ..draining()
+                },
+            ),
+            "
+            0 start
+            1 prepared a b c d
+            2 drained a
+            3 activated a
+            4 healthy a
+            5 undrained a
+            14 tick
+            15 drained b c
+            16 activated b c
+            17 healthy b c
+            18 undrained b c
+            27 tick
+            28 drained d
+            29 activated d
+            30 unhealthy b
+            31 switched-back d
+            32 undrained d
+            33 drained b
+            34 switched-back b
+            35 undrained b
+            36 drained a
+            37 switched-back a
+            38 undrained a
+            39 drained c
+            40 switched-back c
+            41 undrained c
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 4 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing c=preparing d=preparing
+                    > prepare a, prepare b, prepare c, prepare d
+                1 prepared a b c d
+                    wave 1/3: 1 draining; 0 failures, 0 allowed
+                    a=draining b=prepared c=prepared d=prepared
+                    > drain a
+                2 drained a
+                    wave 1/3: 1 activating; 0 failures, 0 allowed
+                    a=activating(out) b=prepared c=prepared d=prepared
+                    > activate a
+                3 activated a
+                    wave 1/3: 1 activated; 0 failures, 0 allowed
+                    a=activated(out) b=prepared c=prepared d=prepared
+                4 healthy a
+                    wave 1/3: 1 undraining; 0 failures, 0 allowed
+                    a=undraining b=prepared c=prepared d=prepared
+                    > undrain a
+                5 undrained a
+                    wave 1/3: 1 healthy; 0 failures, 0 allowed
+                    a=healthy b=prepared c=prepared d=prepared
+                14 tick
+                    wave 2/3: 2 draining; 0 failures, 0 allowed
+                    a=settled b=draining c=draining d=prepared
+                    > drain b, drain c
+                15 drained b c
+                    wave 2/3: 2 activating; 0 failures, 0 allowed
+                    a=settled b=activating(out) c=activating(out) d=prepared
+                    > activate b, activate c
+                16 activated b c
+                    wave 2/3: 2 activated; 0 failures, 0 allowed
+                    a=settled b=activated(out) c=activated(out) d=prepared
+                17 healthy b c
+                    wave 2/3: 2 undraining; 0 failures, 0 allowed
+                    a=settled b=undraining c=undraining d=prepared
+                    > undrain b, undrain c
+                18 undrained b c
+                    wave 2/3: 2 healthy; 0 failures, 0 allowed
+                    a=settled b=healthy c=healthy d=prepared
+                27 tick
+                    wave 3/3: 1 draining; 0 failures, 0 allowed
+                    a=settled b=settled c=settled d=draining
+                    > drain d
+                28 drained d
+                    wave 3/3: 1 activating; 0 failures, 0 allowed
+                    a=settled b=settled c=settled d=activating(out)
+                    > activate d
+                29 activated d
+                    wave 3/3: 1 activated; 0 failures, 0 allowed
+                    a=settled b=settled c=settled d=activated(out)
+                30 unhealthy b
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 2 settled, 1 failed, 1 switching back
+                    a=settled b=failed c=settled d=switching-back(out)
+                    > switch-back d
+                31 switched-back d
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 1 undraining, 2 settled, 1 failed
+                    a=settled b=failed c=settled d=undraining
+                    > undrain d
+                32 undrained d
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 1 draining, 2 settled, 1 switched back
+                    a=settled b=draining c=settled d=switched-back
+                    > drain b
+                33 drained b
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 2 settled, 1 switching back, 1 switched back
+                    a=settled b=switching-back(out) c=settled d=switched-back
+                    > switch-back b
+                34 switched-back b
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 1 undraining, 2 settled, 1 switched back
+                    a=settled b=undraining c=settled d=switched-back
+                    > undrain b
+                35 undrained b
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 1 draining, 1 settled, 2 switched back
+                    a=draining b=switched-back c=settled d=switched-back
+                    > drain a
+                36 drained a
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 1 settled, 1 switching back, 2 switched back
+                    a=switching-back(out) b=switched-back c=settled d=switched-back
+                    > switch-back a
+                37 switched-back a
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 1 undraining, 1 settled, 2 switched back
+                    a=undraining b=switched-back c=settled d=switched-back
+                    > undrain a
+                38 undrained a
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 1 draining, 3 switched back
+                    a=switched-back b=switched-back c=draining d=switched-back
+                    > drain c
+                39 drained c
+                    rolling back (failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503), 1 instance at a time: 1 switching back, 3 switched back
+                    a=switched-back b=switched-back c=switching-back(out) d=switched-back
+                    > switch-back c
+                40 switched-back c
+                    returning 1 instance to the load balancer, then to end failed
+                    a=switched-back b=switched-back c=undraining d=switched-back
+                    > undrain c
+                41 undrained c
+                    failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503; 4 switched back
+                    a=switched-back b=switched-back c=switched-back d=switched-back
             "#]],
         );
     }
@@ -2176,7 +2391,7 @@ mod tests {
                 61 tick
                     rolling back (failed: 1 failure, 0 allowed; last: b: not healthy for 10s within 1m of activation): 2 switching back
                     a=switching-back b=switching-back c=prepared
-                    > switch-back a, switch-back b
+                    > switch-back b, switch-back a
                 62 switched-back a
                     rolling back (failed: 1 failure, 0 allowed; last: b: not healthy for 10s within 1m of activation): 1 switching back, 1 switched back
                     a=switched-back b=switching-back c=prepared
@@ -2329,7 +2544,7 @@ mod tests {
                 87 tick
                     rolling back (failed: 2 failures, 1 allowed; last: d: not healthy for 10s within 1m of activation): 3 switching back
                     a=switching-back b=switching-back c=failed d=switching-back
-                    > switch-back a, switch-back b, switch-back d
+                    > switch-back d, switch-back a, switch-back b
                 88 switched-back a b d
                     failed: 2 failures, 1 allowed; last: d: not healthy for 10s within 1m of activation; 3 switched back
                     a=switched-back b=switched-back c=failed d=switched-back
@@ -2859,7 +3074,7 @@ mod tests {
                 658 tick
                     rolling back (failed: 1 failure, 0 allowed; last: b: not healthy for 10s within 1m of activation): 2 switching back
                     a=switching-back b=switching-back c=prepared
-                    > switch-back a, switch-back b
+                    > switch-back b, switch-back a
                 659 switched-back a
                     rolling back (failed: 1 failure, 0 allowed; last: b: not healthy for 10s within 1m of activation): 1 switching back, 1 switched back
                     a=switched-back b=switching-back c=prepared
@@ -3227,7 +3442,8 @@ mod tests {
                 "progress_deadline_ms": 120000,
                 "bake_ms": 0,
                 "rollback_on_failure": true,
-                "drain": false
+                "drain": false,
+                "switch_back_batch": 0
               },
               "waves": [
                 [
@@ -3353,6 +3569,7 @@ mod tests {
             prop_oneof![Just(0i64), 0..4000i64],
             any::<bool>(),
             any::<bool>(),
+            0..4u32,
         )
             .prop_map(
                 |(
@@ -3363,6 +3580,7 @@ mod tests {
                     bake_ms,
                     rollback,
                     drain,
+                    switch_back_batch,
                 )| {
                     RolloutOptions {
                         failure_threshold,
@@ -3372,6 +3590,7 @@ mod tests {
                         bake_ms,
                         rollback_on_failure: rollback,
                         drain,
+                        switch_back_batch,
                     }
                 },
             )
@@ -3521,6 +3740,24 @@ mod tests {
             return Ok(());
         }
         match command.action {
+            Action::Drain if history.iter().any(|earlier| earlier.action == Action::Activate) => {
+                // Drained after its activation: only to be switched back, having been returned after its wave.
+                prop_assert!(
+                    matches!(after.phase, Phase::RollingBack { .. }),
+                    "drained after activation outside a rollback: {:?}",
+                    command
+                );
+                prop_assert!(
+                    matches!(last, None | Some(Action::Undrain)),
+                    "drained twice for the rollback: {:?}",
+                    command
+                );
+                prop_assert!(
+                    after.targets[&command.instance].state.needs_switch_back(),
+                    "a rollback drains only what it switches back: {:?}",
+                    command
+                );
+            }
             Action::Drain => {
                 prop_assert!(last.is_none(), "drained twice: {:?}", command);
                 prop_assert!(
@@ -3612,7 +3849,19 @@ mod tests {
                             );
                         }
                     }
-                    Action::SwitchBack => prop_assert!(issued(Action::Activate), "switch back without activate"),
+                    Action::SwitchBack => {
+                        prop_assert!(issued(Action::Activate), "switch back without activate");
+                        if after.options.drain {
+                            prop_assert!(
+                                matches!(
+                                    after.targets[&command.instance].traffic,
+                                    Traffic::Drained | Traffic::LeftDrained { .. }
+                                ),
+                                "switched back while taking traffic: {:?}",
+                                command
+                            );
+                        }
+                    }
                     Action::Revert => {
                         prop_assert!(issued(Action::Activate), "revert without activate");
                         prop_assert!(

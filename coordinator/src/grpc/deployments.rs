@@ -73,6 +73,8 @@ pub fn request_from_proto(request: pb::CreateDeploymentRequest) -> Result<Deploy
         rollback_on_failure: options.rollback_on_failure.unwrap_or(true),
         // Decided by the deployer from the stack's traffic settings and `drain` below.
         drain: false,
+        // Decided by the deployer from the plan.
+        switch_back_batch: 0,
     };
     Ok(DeploymentRequest {
         stack: request.stack,
