@@ -686,7 +686,10 @@ impl Rollout {
                 };
                 let batch = match self.options.switch_back_batch {
                     0 => String::new(),
-                    batch => format!(", {} at a time", count_of(usize::try_from(batch).unwrap_or(usize::MAX), "instance", "instances")),
+                    batch => format!(
+                        ", {} at a time",
+                        count_of(usize::try_from(batch).unwrap_or(usize::MAX), "instance", "instances")
+                    ),
                 };
                 format!("rolling back ({why}){batch}: {states}{held}")
             }
@@ -1431,7 +1434,11 @@ impl Rollout {
             0 => usize::MAX,
             batch => usize::try_from(batch).unwrap_or(usize::MAX),
         };
-        let mut out = self.targets.values().filter(|target| is_out_for_rollback(target)).count();
+        let mut out = self
+            .targets
+            .values()
+            .filter(|target| is_out_for_rollback(target))
+            .count();
         // Failed instances first: they are not healthy, so taking them out costs the stack nothing.
         let mut in_service: Vec<(bool, String)> = self
             .instances_in_wave_order()
@@ -1461,7 +1468,12 @@ impl Rollout {
     }
 
     fn switch_back(&mut self, instance: &str, now_ms: i64, commands: &mut Vec<Command>) {
-        self.set_state(instance, InstanceState::SwitchingBack { since_ms: now_ms }, now_ms, false);
+        self.set_state(
+            instance,
+            InstanceState::SwitchingBack { since_ms: now_ms },
+            now_ms,
+            false,
+        );
         commands.push(self.command(instance, Action::SwitchBack, false));
     }
 
