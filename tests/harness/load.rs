@@ -186,3 +186,40 @@ fn unix_ms(time: SystemTime) -> i64 {
     time.duration_since(UNIX_EPOCH)
         .map_or(0, |elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
 }
+
+/// CPU hogs beside a timing-sensitive test (`stress-ng --cpu N`), so that it proves its claim on
+/// a busy machine rather than a quiet one. Stopped when dropped, and bounded by its own timeout
+/// whatever happens to the test.
+#[derive(Debug)]
+pub struct CpuStress {
+    child: std::process::Child,
+}
+
+impl CpuStress {
+    /// Starts `workers` CPU hogs for at most `limit`. Panics when stress-ng is missing: `tests/run`
+    /// installs it, and a proof that quietly ran on an idle machine would prove nothing.
+    pub fn start(workers: u32, limit: Duration) -> Self {
+        let child = std::process::Command::new("stress-ng")
+            .arg("--cpu")
+            .arg(workers.to_string())
+            .arg("--timeout")
+            .arg(format!("{}s", limit.as_secs().max(1)))
+            .arg("--quiet")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start stress-ng (Debian package stress-ng; tests/run installs it)");
+        CpuStress { child }
+    }
+}
+
+impl Drop for CpuStress {
+    fn drop(&mut self) {
+        // SIGTERM lets stress-ng stop its workers; it is bounded by --timeout in any case.
+        let _ = std::process::Command::new("kill")
+            .args(["-s", "TERM", "--", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
