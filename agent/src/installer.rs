@@ -35,6 +35,8 @@ pub struct InstallRequest {
     pub run_hooks: bool,
     pub ignore_stop_failure: bool,
     pub deployment_id: Option<String>,
+    /// A rollback to a release that was current before (recorded as such in the history).
+    pub rollback: bool,
 }
 
 /// How installs behave on this instance.
@@ -233,14 +235,21 @@ impl Installer {
             source: request.source,
             deployment_id: request.deployment_id,
             hook_group: None,
+            rollback: request.rollback,
         });
         journal.save(&self.layout, bundle)?;
         self.drive(journal).await
     }
 
-    /// Switches `bundle` back to the release that was current before this one
-    /// (still on disk, no download), running the usual activation hooks.
-    pub async fn rollback(&self, bundle: &str, run_hooks: bool) -> Result<InstallOutcome, InstallError> {
+    /// Switches `bundle` back to the release that was current before this one, stepping back through the
+    /// history (or to `to`, one that was current before), still on disk (no download), running the usual
+    /// activation hooks.
+    pub async fn rollback(
+        &self,
+        bundle: &str,
+        run_hooks: bool,
+        to: Option<&str>,
+    ) -> Result<InstallOutcome, InstallError> {
         rollwave_release::validate_bundle_name(bundle).map_err(|error| InstallError::Refused(error.to_string()))?;
         self.recover(bundle).await?;
         let journal = BundleJournal::load(&self.layout, bundle)?;
@@ -248,11 +257,18 @@ impl Installer {
             .layout
             .current_version(bundle)
             .map_err(io_error(format!("read the current release of {bundle}")))?;
-        let Some(target) = journal.rollback_target(current.as_deref()) else {
-            return Err(InstallError::Refused(format!(
-                "no earlier release of {bundle} is on disk to roll back to (current: {})",
-                current.as_deref().unwrap_or("none")
-            )));
+        let Some(target) = journal.rollback_target(current.as_deref(), to) else {
+            return Err(InstallError::Refused(match to {
+                Some(to) => format!(
+                    "{bundle}@{to} cannot be rolled back to: it is current, was never current here, or is no \
+                     longer on disk (current: {})",
+                    current.as_deref().unwrap_or("none")
+                ),
+                None => format!(
+                    "no earlier release of {bundle} is on disk to roll back to (current: {})",
+                    current.as_deref().unwrap_or("none")
+                ),
+            }));
         };
         self.install(InstallRequest {
             bundle: bundle.to_owned(),
@@ -263,6 +279,7 @@ impl Installer {
             run_hooks,
             ignore_stop_failure: true,
             deployment_id: None,
+            rollback: true,
         })
         .await
     }
@@ -296,7 +313,7 @@ impl Installer {
             }
             journal.save(&self.layout, &job.bundle)?;
         }
-        self.finish(&job, &active.source, &state, &mut journal)?;
+        self.finish(&job, &active, &state, &mut journal)?;
         journal.save(&self.layout, &job.bundle)?;
         match state {
             JobState::Succeeded => Ok(match job.goal {
@@ -318,15 +335,17 @@ impl Installer {
     fn finish(
         &self,
         job: &Job,
-        source: &Source,
+        active: &ActiveInstall,
         state: &JobState,
         journal: &mut BundleJournal,
     ) -> Result<(), InstallError> {
         let bundle = job.bundle.as_str();
+        let source = &active.source;
         match state {
             JobState::Succeeded => {
                 if job.goal == Goal::Activate {
-                    journal.record_activation(&job.version, &job.sha256, crate::unix_ms(SystemTime::now()));
+                    let now = crate::unix_ms(SystemTime::now());
+                    journal.record_activation(&job.version, &job.sha256, now, active.rollback);
                 }
                 self.remove_download(&job.sha256, true);
                 self.apply_retention(bundle, &job.version, journal)?;
@@ -367,7 +386,7 @@ impl Installer {
             .current_version(bundle)
             .map_err(io_error(format!("read the current release of {bundle}")))?;
         let mut protected: BTreeSet<String> = [Some(keep.to_owned()), current.clone()].into_iter().flatten().collect();
-        if let Some(target) = journal.rollback_target(current.as_deref()) {
+        if let Some(target) = journal.rollback_target(current.as_deref(), None) {
             protected.insert(target.version.clone());
         }
         let on_disk = self

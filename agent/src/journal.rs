@@ -69,6 +69,9 @@ pub struct ActiveInstall {
     /// can kill what a killed agent left behind.
     #[serde(default)]
     pub hook_group: Option<i32>,
+    /// A rollback (`rollwave-agent rollback`): recorded as such in the history once it succeeds.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// A release that became current.
@@ -77,6 +80,10 @@ pub struct Activation {
     pub version: String,
     pub sha256: String,
     pub at_unix_ms: i64,
+    /// A rollback returned to it (rather than an install going forward), so that rolling back again steps
+    /// further back (see [`rollwave_release::history`]).
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 /// Everything the agent remembers about one bundle.
@@ -154,11 +161,12 @@ impl BundleJournal {
         Ok(bundles)
     }
 
-    pub fn record_activation(&mut self, version: &str, sha256: &str, at_unix_ms: i64) {
+    pub fn record_activation(&mut self, version: &str, sha256: &str, at_unix_ms: i64, rollback: bool) {
         self.history.push(Activation {
             version: version.to_owned(),
             sha256: sha256.to_owned(),
             at_unix_ms,
+            rollback,
         });
         if self.history.len() > HISTORY_LIMIT {
             let excess = self.history.len() - HISTORY_LIMIT;
@@ -166,14 +174,39 @@ impl BundleJournal {
         }
     }
 
-    /// The release to go back to from `current`: the newest earlier activation
-    /// of a different version that is still prepared on disk.
-    pub fn rollback_target(&self, current: Option<&str>) -> Option<&Activation> {
-        self.history
-            .iter()
-            .rev()
-            .filter(|activation| Some(activation.version.as_str()) != current)
-            .find(|activation| self.prepared.get(&activation.version) == Some(&activation.sha256))
+    /// The release to go back to from `current`: stepping back through the history read as an undo stack (a
+    /// second rollback goes further back, never forward again), the newest earlier release still prepared on
+    /// disk; or `to`, when it became current before and is still on disk.
+    pub fn rollback_target(&self, current: Option<&str>, to: Option<&str>) -> Option<&Activation> {
+        use rollwave_release::history::{Step, rollback_stack, rollback_target};
+        let on_disk = |version: &str| {
+            self.history
+                .iter()
+                .rev()
+                .find(|activation| activation.version == version)
+                .filter(|activation| self.prepared.get(version) == Some(&activation.sha256))
+        };
+        let version = match to {
+            Some(to) => Some(to).filter(|to| Some(*to) != current),
+            None => {
+                let steps = self.history.iter().map(|activation| {
+                    if activation.rollback {
+                        Step::RolledBackTo(activation.version.as_str())
+                    } else {
+                        Step::Forward(activation.version.as_str())
+                    }
+                });
+                let mut stack = rollback_stack(steps);
+                // `current` is what runs, whatever the journal saw last (an interrupted switch, say).
+                if let Some(current) = current
+                    && stack.last() != Some(&current)
+                {
+                    stack.push(current);
+                }
+                rollback_target(&stack, |version| on_disk(version).is_some())
+            }
+        }?;
+        on_disk(version)
     }
 }
 
@@ -181,25 +214,52 @@ impl BundleJournal {
 mod tests {
     use super::*;
 
+    /// Field trial: `rollwave-agent rollback` run twice rolled forward again (2.0 → 4.0 → 2.0 → 4.0).
+    #[test]
+    fn rolling_back_twice_steps_back_twice() {
+        let mut journal = BundleJournal::default();
+        for (version, sha) in [("1.0", "a"), ("2.0", "b"), ("4.0", "c")] {
+            journal.prepared.insert(version.into(), sha.into());
+            journal.record_activation(version, sha, 0, false);
+        }
+        let target = |journal: &BundleJournal, current: &str, to: Option<&str>| {
+            journal
+                .rollback_target(Some(current), to)
+                .map(|activation| activation.version.clone())
+        };
+        assert_eq!(target(&journal, "4.0", None).as_deref(), Some("2.0"));
+        journal.record_activation("2.0", "b", 1, true);
+        assert_eq!(target(&journal, "2.0", None).as_deref(), Some("1.0"), "not 4.0 again");
+        assert_eq!(
+            target(&journal, "2.0", Some("4.0")).as_deref(),
+            Some("4.0"),
+            "--to picks it"
+        );
+        assert_eq!(target(&journal, "2.0", Some("2.0")), None, "not the current one");
+        assert_eq!(target(&journal, "2.0", Some("9.9")), None, "never current here");
+        journal.record_activation("1.0", "a", 2, true);
+        assert_eq!(target(&journal, "1.0", None), None, "nothing earlier");
+    }
+
     #[test]
     fn the_rollback_target_is_the_newest_other_release_still_on_disk() {
         let mut journal = BundleJournal::default();
         for (version, sha) in [("1", "a"), ("2", "b"), ("3", "c")] {
             journal.prepared.insert(version.into(), sha.into());
-            journal.record_activation(version, sha, 0);
+            journal.record_activation(version, sha, 0, false);
         }
         assert_eq!(
-            journal.rollback_target(Some("3")).map(|a| a.version.as_str()),
+            journal.rollback_target(Some("3"), None).map(|a| a.version.as_str()),
             Some("2")
         );
         journal.prepared.remove("2");
         assert_eq!(
-            journal.rollback_target(Some("3")).map(|a| a.version.as_str()),
+            journal.rollback_target(Some("3"), None).map(|a| a.version.as_str()),
             Some("1")
         );
         journal.prepared.insert("1".into(), "other".into());
         assert_eq!(
-            journal.rollback_target(Some("3")),
+            journal.rollback_target(Some("3"), None),
             None,
             "a different sha is not the same release"
         );
@@ -215,7 +275,7 @@ mod tests {
         );
         let mut journal = BundleJournal::default();
         journal.prepared.insert("1.0".into(), "ab".repeat(32));
-        journal.record_activation("1.0", &"ab".repeat(32), 42);
+        journal.record_activation("1.0", &"ab".repeat(32), 42, false);
         journal.save(&layout, "web").expect("save");
         assert_eq!(BundleJournal::load(&layout, "web").expect("load"), journal);
         assert_eq!(BundleJournal::bundles(&layout).expect("list"), ["web"]);

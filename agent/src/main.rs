@@ -78,6 +78,10 @@ application_stop, application_start and validate_service hooks and the health ch
 agent is connected again, the coordinator's desired state applies again: to keep the old
 release, roll back with `rollwave rollback STACK BUNDLE` as well.
 
+Rolling back again steps further back (2.0, 4.0, rollback: 2.0, rollback again: the release
+before 2.0), never forward to the release rolled back from; --to picks one that was current
+here before and is still on disk.
+
 Exit codes: 0 switched back, 1 refused or failed, 2 usage.";
 
 #[derive(Debug, clap::Args)]
@@ -142,6 +146,10 @@ struct S3Args {
 struct RollbackArgs {
     #[arg(long)]
     bundle: String,
+    /// Return to this release (one that was current here before and is still on disk) instead of
+    /// the previous one
+    #[arg(long, value_name = "VERSION")]
+    to: Option<String>,
     /// State directory
     #[arg(long, default_value = "/var/lib/rollwave")]
     root: PathBuf,
@@ -287,6 +295,7 @@ async fn install(args: InstallArgs) -> anyhow::Result<Report> {
             run_hooks: !args.no_hooks,
             ignore_stop_failure: args.ignore_stop_failure,
             deployment_id: None,
+            rollback: false,
         })
         .await?;
     Ok(report(&args.bundle, &args.version, outcome))
@@ -320,7 +329,9 @@ async fn rollback(args: RollbackArgs) -> anyhow::Result<Report> {
         ..InstallSettings::default()
     };
     let installer = Installer::new(Layout::new(&args.root), settings, None);
-    let outcome = installer.rollback(&args.bundle, !args.no_hooks).await?;
+    let outcome = installer
+        .rollback(&args.bundle, !args.no_hooks, args.to.as_deref())
+        .await?;
     let version = Layout::new(&args.root)
         .current_version(&args.bundle)?
         .unwrap_or_default();

@@ -128,6 +128,7 @@ async fn apply(installer: &Installer, state: &pb::DesiredState, reports: &Report
                 run_hooks: true,
                 ignore_stop_failure: false,
                 deployment_id: deployment_id.clone(),
+                rollback: false,
             })
             .await;
         let (outcome, message) = match &result {

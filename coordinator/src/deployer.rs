@@ -72,6 +72,9 @@ pub struct Record {
     /// The stack's traffic settings when it started, by layer, when it drains.
     #[serde(default)]
     pub traffic: BTreeMap<String, TrafficSettings>,
+    /// Made by `rollwave rollback`: its approval steps back through the history rather than forward.
+    #[serde(default)]
+    pub rollback: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -114,6 +117,8 @@ pub struct DeploymentRequest {
     pub plan_only: bool,
     /// `None`: drain when the stack has a traffic provider.
     pub drain: Option<bool>,
+    /// Made by `rollwave rollback` (see [`Record::rollback`]).
+    pub rollback: bool,
 }
 
 /// What creating a deployment produced.
@@ -359,6 +364,7 @@ impl Deployer {
             previous,
             reason: None,
             traffic,
+            rollback: request.rollback,
         };
         let row = DeploymentRow {
             id: id.clone(),
@@ -751,7 +757,14 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
             // Approve before recording success: a crash in between redoes the (idempotent) approval.
             shared
                 .store
-                .approve(&live.row.stack, &live.row.bundle, &live.row.version, &live.row.id, now)
+                .approve(
+                    &live.row.stack,
+                    &live.row.bundle,
+                    &live.row.version,
+                    &live.row.id,
+                    live.record.rollback,
+                    now,
+                )
                 .await?;
         }
     }

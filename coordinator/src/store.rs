@@ -34,6 +34,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/sqlite/0002_deployments.sql"),
     ),
     (3, "traffic", include_str!("../migrations/sqlite/0003_traffic.sql")),
+    (
+        7,
+        "approval kind",
+        include_str!("../migrations/sqlite/0007_approval_kind.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod digest;
 pub mod entry_path;
+pub mod history;
 pub mod manifest;
 pub mod name;
 mod tree;

@@ -220,6 +220,22 @@ fn rollback_returns_the_stack_to_the_previous_approved_release() {
             .count();
         assert_eq!(count, 2, "agent {index}: 1.0 twice, 2.0 once in between");
     }
+
+    // Field trial: a second rollback rolled forward again (to 2.0). It steps further back, and
+    // here there is nothing before 1.0.
+    let again = fleet.cluster.coordinator.try_cli(&["rollback", "web", "app"]);
+    assert_eq!(again.status.code(), Some(1), "refused: {again:?}");
+    let message = String::from_utf8_lossy(&again.stderr);
+    assert!(message.contains("no earlier approved release"), "{message}");
+    assert_eq!(bundle_status(&fleet.status(), "app")["approved_version"], "1.0");
+    // --to picks a release approved before, forward or back.
+    let output = fleet
+        .cluster
+        .coordinator
+        .try_cli(&["rollback", "web", "app", "--to", "2.0", "--watch", "--output", "json"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    fleet.wait_all_on("2.0");
+    assert_eq!(bundle_status(&fleet.status(), "app")["approved_version"], "2.0");
 }
 
 #[test]

@@ -124,9 +124,14 @@ The whole stack switches back to the approved release before the current one, al
 once (the previous release is still on the instances, so this is fast), and that
 release becomes the approved one again. Pinned instances stay as they are.
 
+Rolling back again steps further back through the approvals (2.0, 4.0, rollback: 2.0,
+rollback again: the release before 2.0), never forward to the release rolled back from.
+--to picks any release approved on the stack before.
+
 Examples:
   rollwave rollback web site
-  rollwave rollback web site --watch";
+  rollwave rollback web site --watch
+  rollwave rollback web site --to 1.4.2";
 
 const PIN_HELP: &str = "\
 A pinned instance runs the given release whatever the approved one is, and
@@ -324,6 +329,9 @@ pub struct RollbackArgs {
     pub stack: String,
     /// The bundle whose previous approved release comes back
     pub bundle: String,
+    /// Return to this release (one approved on the stack before) instead of the previous one
+    #[arg(long, value_name = "VERSION")]
+    pub to: Option<String>,
     /// Follow the rollback until it ends; exit 1 unless it succeeds
     #[arg(long)]
     pub watch: bool,
@@ -580,6 +588,7 @@ pub async fn rollback(client: &mut OperatorClient, args: RollbackArgs, format: O
             .rollback_stack(pb::RollbackStackRequest {
                 stack: args.stack,
                 bundle: args.bundle,
+                to_version: args.to.unwrap_or_default(),
             })
             .await
             .map_err(call_error)?

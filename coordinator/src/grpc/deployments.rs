@@ -85,6 +85,7 @@ pub fn request_from_proto(request: pb::CreateDeploymentRequest) -> Result<Deploy
         failure_threshold: amount("failure threshold", &options.failure_threshold, Amount::Count(0))?,
         plan_only: request.plan_only,
         drain: options.drain,
+        rollback: false,
     })
 }
 
@@ -134,17 +135,8 @@ pub async fn rollback_stack(
         .approval_history(&request.stack, &request.bundle)
         .await
         .map_err(ServiceError::from)?;
-    let current = history.first().cloned();
-    let Some(previous) = history
-        .iter()
-        .find(|version| Some(*version) != current.as_ref())
-        .cloned()
-    else {
-        return Err(Status::failed_precondition(format!(
-            "{} has no earlier approved release of {} to roll back to",
-            request.stack, request.bundle
-        )));
-    };
+    let previous = rollback_version(&history, &request.to_version)
+        .map_err(|message| Status::failed_precondition(format!("{}/{}: {message}", request.stack, request.bundle)))?;
     let options = RolloutOptions {
         // The previous release is still on disk: a fast switch, gated on health all the same.
         min_healthy_time_ms: 1_000,
@@ -165,12 +157,54 @@ pub async fn rollback_stack(
                 plan_only: false,
                 // Drains when the stack has a traffic provider, as any deployment.
                 drain: None,
+                rollback: true,
             },
         )
         .await?;
     created
         .deployment
         .ok_or_else(|| Status::internal("the rollback deployment was not created"))
+}
+
+/// The release `rollwave rollback` returns to, from the stack's approvals (oldest first, each with whether a
+/// rollback approved it): `to` if given and approved before, else the one before the current release in the
+/// history read as an undo stack (see [`rollwave_release::history`]).
+fn rollback_version(history: &[(String, bool)], to: &str) -> Result<String, String> {
+    use rollwave_release::history::{Step, rollback_stack, rollback_target};
+    let steps = history.iter().map(|(version, rollback)| {
+        if *rollback {
+            Step::RolledBackTo(version)
+        } else {
+            Step::Forward(version)
+        }
+    });
+    let stack = rollback_stack(steps);
+    let current = stack.last().copied();
+    if to.is_empty() {
+        return rollback_target(&stack, |_| true)
+            .map(str::to_owned)
+            .ok_or_else(|| match current {
+                Some(current) => format!(
+                    "no earlier approved release to roll back to (the history ends at {current}); \
+                     give --to VERSION to return to another release"
+                ),
+                None => "no release was ever approved, so there is nothing to roll back to".to_owned(),
+            });
+    }
+    if current == Some(to) {
+        return Err(format!("{to} is the approved release already"));
+    }
+    if !history.iter().any(|(version, _)| version == to) {
+        let mut approved: Vec<&str> = history.iter().map(|(version, _)| version.as_str()).collect();
+        approved.sort_unstable();
+        approved.dedup();
+        return Err(format!(
+            "{to} was never approved here, so it is no rollback target; approved before: {}; \
+             deploy it instead with `rollwave deploy`",
+            approved.join(", ")
+        ));
+    }
+    Ok(to.to_owned())
 }
 
 /// Marks instances as deliberately running `version` and sends them their new wish.
@@ -409,4 +443,32 @@ pub async fn list_events(shared: &Shared, limit: u32) -> Result<pb::ListEventsRe
             })
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::rollback_version;
+
+    fn history(entries: &[(&str, bool)]) -> Vec<(String, bool)> {
+        entries
+            .iter()
+            .map(|(version, rollback)| ((*version).to_owned(), *rollback))
+            .collect()
+    }
+
+    #[test]
+    fn a_second_rollback_steps_further_back_and_to_picks_an_approved_release() {
+        // Field trial: 2.0 → 4.0, rollback → 2.0, rollback → 4.0 again.
+        let after_one = history(&[("1.0", false), ("2.0", false), ("4.0", false), ("2.0", true)]);
+        assert_eq!(rollback_version(&after_one, ""), Ok("1.0".to_owned()));
+        assert_eq!(rollback_version(&after_one, "4.0"), Ok("4.0".to_owned()));
+        let refused = rollback_version(&after_one, "3.0").expect_err("never approved");
+        assert!(refused.contains("approved before: 1.0, 2.0, 4.0"), "{refused}");
+        let current = rollback_version(&after_one, "2.0").expect_err("current");
+        assert!(current.contains("already"), "{current}");
+        let at_bottom = history(&[("1.0", false), ("2.0", false), ("1.0", true)]);
+        let nothing = rollback_version(&at_bottom, "").expect_err("nothing earlier");
+        assert!(nothing.contains("--to VERSION"), "{nothing}");
+        assert!(rollback_version(&[], "").is_err());
+    }
 }

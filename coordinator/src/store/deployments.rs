@@ -85,22 +85,27 @@ impl Store {
         Ok(to_u64(row.try_get("value")?))
     }
 
+    /// Records `version` as the approved release of `bundle` on `stack`; `rollback` when a rollback returned
+    /// the stack to it (see [`Store::approval_history`]).
     pub async fn approve(
         &self,
         stack: &str,
         bundle: &str,
         version: &str,
         deployment_id: &str,
+        rollback: bool,
         now_ms: i64,
     ) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO approvals (stack, bundle, version, deployment_id, approved_at) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO approvals (stack, bundle, version, deployment_id, approved_at, kind) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(stack)
         .bind(bundle)
         .bind(version)
         .bind(deployment_id)
         .bind(now_ms)
+        .bind(if rollback { "rollback" } else { "forward" })
         .execute(&self.pool)
         .await?;
         Ok(())
@@ -130,14 +135,20 @@ impl Store {
             .collect()
     }
 
-    /// Approved versions of `bundle` on `stack`, newest first.
-    pub async fn approval_history(&self, stack: &str, bundle: &str) -> Result<Vec<String>, StoreError> {
-        let rows = sqlx::query("SELECT version FROM approvals WHERE stack = $1 AND bundle = $2 ORDER BY sequence DESC")
-            .bind(stack)
-            .bind(bundle)
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter().map(|row| Ok(row.try_get("version")?)).collect()
+    /// Approved versions of `bundle` on `stack`, oldest first, each with whether a rollback approved it.
+    pub async fn approval_history(&self, stack: &str, bundle: &str) -> Result<Vec<(String, bool)>, StoreError> {
+        let rows =
+            sqlx::query("SELECT version, kind FROM approvals WHERE stack = $1 AND bundle = $2 ORDER BY sequence ASC")
+                .bind(stack)
+                .bind(bundle)
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.try_get("kind")?;
+                Ok((row.try_get("version")?, kind == "rollback"))
+            })
+            .collect()
     }
 
     pub async fn set_pin(&self, pin: &Pin) -> Result<(), StoreError> {
@@ -421,10 +432,13 @@ mod tests {
         row.updated_at_ms = 5;
         assert_eq!(store.get_deployment("d1").await.expect("get"), Some(row));
 
-        store.approve("web", "app", "1", "d1", 6).await.expect("approve");
+        store.approve("web", "app", "1", "d1", false, 6).await.expect("approve");
         let approved = store.approved("web").await.expect("approved");
         assert_eq!(approved.len(), 1);
         assert_eq!(approved[0].version, "1");
-        assert_eq!(store.approval_history("web", "app").await.expect("history"), ["1"]);
+        assert_eq!(
+            store.approval_history("web", "app").await.expect("history"),
+            [("1".to_owned(), false)]
+        );
     }
 }
