@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::ca::{CaError, CaFiles, CertificateAuthority};
+use crate::ca::{CaError, CaFiles, CertificateAuthority, Recovery};
 use crate::deployer::Deployer;
 use crate::grpc::agent::AgentApi;
 use crate::grpc::operator::{OperatorApi, OperatorAuth};
@@ -199,6 +199,24 @@ impl RunningServer {
     }
 }
 
+/// Whether a half-written CA may be replaced: only one of ours that nothing on record trusts.
+async fn ca_recovery(store: &Store, operator_supplied: bool) -> Result<Recovery, ServerError> {
+    if operator_supplied {
+        return Ok(Recovery::Refuse(
+            "the CA files were supplied with --ca-cert and --ca-key".into(),
+        ));
+    }
+    let certificates = store.list_certificates().await?.len();
+    let tokens = store.list_tokens(None).await?.len();
+    Ok(if certificates == 0 && tokens == 0 {
+        Recovery::NothingIssued
+    } else {
+        Recovery::Refuse(format!(
+            "the database holds {certificates} agent certificate(s) and {tokens} join token(s) issued under it"
+        ))
+    })
+}
+
 /// Creates the first operator and its token file, once.
 async fn ensure_operator(store: &Store, files: &DataDirFiles) -> Result<(), ServerError> {
     if !store.list_operators().await?.is_empty() {
@@ -306,7 +324,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     let files = DataDirFiles::new(data_dir);
     let store = Store::open(&files.database).await?;
     let ca_files = options.ca_files.clone().unwrap_or_else(|| files.ca.clone());
-    let (ca, created) = CertificateAuthority::load_or_create(&ca_files, OffsetDateTime::now_utc())?;
+    let recovery = ca_recovery(&store, options.ca_files.is_some()).await?;
+    let (ca, created) = CertificateAuthority::load_or_create(&ca_files, OffsetDateTime::now_utc(), recovery)?;
     if created {
         tracing::info!(fingerprint = %ca.fingerprint(), "created the coordinator CA");
     }
