@@ -24,6 +24,7 @@ use crate::grpc::operator::{OperatorApi, OperatorAuth};
 use crate::grpc::{ServiceSettings, Shared, random_hex, secret_hash};
 use crate::identity::{AgentCertificateVerifier, IssuedCertificates};
 use crate::listener::{ListenerLimits, TlsFaces, accept_tls};
+use crate::lock::{DataDirLock, LockError};
 use crate::model::unix_ms;
 use crate::presence::PresencePolicy;
 use crate::sessions::Sessions;
@@ -104,6 +105,8 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Locked(#[from] LockError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Ca(#[from] CaError),
@@ -158,6 +161,8 @@ pub struct RunningServer {
     /// Carries out drains and undrains; one cut short is re-sent when the deployment resumes.
     traffic_worker: JoinHandle<()>,
     grace: Duration,
+    /// Keeps other coordinators off the data dir while this one serves from it.
+    _lock: DataDirLock,
 }
 
 impl std::fmt::Debug for RunningServer {
@@ -306,6 +311,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         path: data_dir.clone(),
         source,
     })?;
+    // Before anything in the data dir is written: a second server must leave no trace.
+    let lock = DataDirLock::acquire(data_dir)?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
@@ -419,5 +426,6 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         shutdown,
         task,
         grace: limits.shutdown_grace,
+        _lock: lock,
     })
 }

@@ -23,7 +23,7 @@ use crate::registry::{self, Decision, RegistrationRefused};
 mod deployments;
 mod traffic;
 
-pub use deployments::{Approval, DeploymentRow, HealthRow, Pin};
+pub use deployments::{Approval, DeploymentRow, DeploymentUpdate, HealthRow, Pin};
 
 /// The SQLite migrations, embedded so the binary carries its own schema.
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -34,6 +34,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/sqlite/0002_deployments.sql"),
     ),
     (3, "traffic", include_str!("../migrations/sqlite/0003_traffic.sql")),
+    (
+        4,
+        "deployment generation",
+        include_str!("../migrations/sqlite/0004_deployment_generation.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +67,8 @@ pub enum StoreError {
     NoSuchStack(String),
     #[error("instance {0:?} does not exist")]
     NoSuchInstance(String),
+    #[error("deployment {0:?} does not exist")]
+    NoSuchDeployment(String),
     #[error("join token {0:?} does not exist")]
     NoSuchToken(String),
     #[error("join token {id:?} cannot be used: {reason}")]
@@ -72,6 +79,10 @@ pub enum StoreError {
     NoSuchRelease { bundle: String, version: String },
     #[error(transparent)]
     RegistrationRefused(#[from] RegistrationRefused),
+    #[error(
+        "deployment {id} was changed by another writer (stored generation {stored}, this coordinator's view is generation {expected}); this coordinator's view is stale and it must not act on it"
+    )]
+    StaleDeployment { id: String, expected: u64, stored: u64 },
 }
 
 /// What registering a release did.
