@@ -79,6 +79,8 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     options.limits.listener = ListenerLimits {
         max_connections: args.max_connections,
         handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        max_pending_per_source: args.max_pending_per_source,
     };
     options.limits.max_concurrent_streams = args.max_streams_per_connection;
     options.limits.request_timeout = args.request_timeout;

@@ -23,7 +23,7 @@ use crate::grpc::agent::AgentApi;
 use crate::grpc::operator::{OperatorApi, OperatorAuth};
 use crate::grpc::{ServiceSettings, Shared, random_hex, secret_hash};
 use crate::identity::{AgentCertificateVerifier, IssuedCertificates};
-use crate::listener::{ListenerLimits, TlsFaces, accept_tls};
+use crate::listener::{Connections, ListenerLimits, StreamTracking, TlsFaces, accept_tls};
 use crate::lock::{DataDirLock, LockError};
 use crate::model::unix_ms;
 use crate::presence::PresencePolicy;
@@ -201,6 +201,39 @@ impl RunningServer {
             Ok(result) => Ok(result?),
             Err(join_error) => Err(ServerError::Tls(format!("server task failed: {join_error}"))),
         }
+    }
+}
+
+/// File descriptors the coordinator needs besides its connections: the database, the listener,
+/// logs, outbound clients (S3, load balancers).
+const RESERVED_FILES: u64 = 256;
+
+/// Raises the soft limit on open files to what the connection cap needs (up to the hard limit),
+/// and warns when even that is too low: past it, accepts fail and the cap is never reached.
+fn raise_file_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(RESERVED_FILES);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= needed {
+        return;
+    }
+    let target = needed.min(hard);
+    if target > soft
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+    {
+        tracing::warn!(%error, soft, "cannot raise the open-file limit");
+    }
+    if hard < needed {
+        tracing::warn!(
+            max_connections,
+            limit = hard,
+            "--max-connections needs about {needed} open files but the hard limit is {hard}; \
+             raise it (LimitNOFILE= in the unit, ulimit -n) or lower --max-connections"
+        );
     }
 }
 
@@ -387,9 +420,12 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let incoming = accept_tls(listener, faces, limits.listener);
+    raise_file_limit(limits.listener.max_connections);
+    let connections = Connections::new(limits.listener);
+    let incoming = accept_tls(listener, faces, connections.clone());
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
+        .layer(StreamTracking::new(connections))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .timeout(limits.request_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))

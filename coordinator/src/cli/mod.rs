@@ -140,6 +140,13 @@ pub struct ServerArgs {
     /// Drop clients that have not finished the TLS handshake by then
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Close connections that have had no call (HTTP/2 stream) open for this long
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Connections from one address that have not authenticated yet (no agent certificate, no
+    /// call made), at most; the oldest is closed to make room. Agents never count
+    #[arg(long, default_value_t = 64, value_parser = parse_at_least_one)]
+    pub max_pending_per_source: usize,
     /// HTTP/2 streams (calls) one connection may have open at once
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_streams_per_connection: u32,
@@ -158,6 +165,14 @@ pub struct ServerArgs {
     /// Largest message an operator may send or receive (bytes, or with KiB or MiB)
     #[arg(long, default_value = "4MiB", value_parser = parse_size)]
     pub max_operator_message: usize,
+}
+
+/// A count that must be at least 1.
+fn parse_at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("{text:?}: give a whole number of at least 1")),
+        Ok(count) => Ok(count),
+    }
 }
 
 /// A size in bytes: a plain number, or one with a `KiB` or `MiB` suffix.
@@ -447,6 +462,8 @@ mod tests {
         let defaults = crate::server::ServerLimits::default();
         assert_eq!(args.max_connections, defaults.listener.max_connections);
         assert_eq!(args.handshake_timeout, defaults.listener.handshake_timeout);
+        assert_eq!(args.idle_timeout, defaults.listener.idle_timeout);
+        assert_eq!(args.max_pending_per_source, defaults.listener.max_pending_per_source);
         assert_eq!(args.max_streams_per_connection, defaults.max_concurrent_streams);
         assert_eq!(args.request_timeout, defaults.request_timeout);
         assert_eq!(args.keepalive_interval, defaults.keepalive_interval);
