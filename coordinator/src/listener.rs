@@ -9,8 +9,9 @@
 //! not yet authenticated (no agent certificate, no stream ever opened) are
 //! limited per source address; and at either limit the oldest such connection
 //! is closed to make room rather than the new one refused. Agent connections
-//! (client certificate) never count against a source, so fleets behind NAT
-//! connect. [`StreamTracking`] tells the table when streams open and end.
+//! (the agent face, whose handshake demands a certificate we issued) never
+//! count against a source, so fleets behind NAT connect, all at once if need
+//! be. [`StreamTracking`] tells the table when streams open and end.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
@@ -68,7 +69,9 @@ struct Connection {
     /// Accept order: a lower id is older.
     id: u64,
     peer: SocketAddr,
-    /// Presented an agent certificate at the handshake.
+    /// Asked for the agent face, whose handshake demands a certificate we issued (it is closed
+    /// if it has none by the handshake timeout), so it never counts as unauthenticated: a fleet
+    /// behind one NAT address reconnecting at once is not mistaken for a flood.
     agent: AtomicBool,
     /// Opened at least one stream.
     streamed: AtomicBool,
@@ -426,15 +429,8 @@ pub fn accept_tls(listener: TcpListener, faces: TlsFaces, connections: Arc<Conne
             let faces = faces.clone();
             let sender = sender.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(limits.handshake_timeout, handshake(admitted, &faces)).await {
+                match tokio::time::timeout(limits.handshake_timeout, handshake(admitted, &connection, &faces)).await {
                     Ok(Ok(stream)) => {
-                        let has_certificate = stream
-                            .get_ref()
-                            .1
-                            .peer_certificates()
-                            .is_some_and(|certificates| !certificates.is_empty());
-                        // Only the agent face asks for certificates, and it verified this one.
-                        connection.agent.store(has_certificate, Ordering::Release);
                         let _ = sender.send(Ok(stream)).await;
                     }
                     Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
@@ -446,9 +442,14 @@ pub fn accept_tls(listener: TcpListener, faces: TlsFaces, connections: Arc<Conne
     ReceiverStream::new(receiver)
 }
 
-async fn handshake(admitted: AdmittedStream, faces: &TlsFaces) -> io::Result<TlsStream<AdmittedStream>> {
+async fn handshake(
+    admitted: AdmittedStream,
+    connection: &Connection,
+    faces: &TlsFaces,
+) -> io::Result<TlsStream<AdmittedStream>> {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), admitted).await?;
     let config = if start.client_hello().server_name() == Some(AGENT_SERVER_NAME) {
+        connection.agent.store(true, Ordering::Release);
         faces.agent.clone()
     } else {
         faces.public.clone()
