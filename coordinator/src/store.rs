@@ -80,7 +80,7 @@ pub enum StoreError {
     #[error(transparent)]
     RegistrationRefused(#[from] RegistrationRefused),
     #[error(
-        "deployment {id} was changed by another writer (stored generation {stored}, this coordinator's view is generation {expected}); this coordinator's view is stale and it must not act on it"
+        "deployment {id} was changed by another writer (stored generation {stored}, this view is generation {expected}); nothing was written: reload the deployment and try again"
     )]
     StaleDeployment { id: String, expected: u64, stored: u64 },
 }
