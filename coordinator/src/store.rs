@@ -777,11 +777,13 @@ mod tests {
             }
             store.pool.close().await;
         }
-        // Files an earlier version left readable by everyone are tightened at the next start.
+        // Files an earlier version left readable by everyone (side files included, as a crash
+        // leaves them) are tightened at the next start.
         for path in std::iter::once(&database).chain(&side_files) {
-            if path.exists() {
-                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+            if !path.exists() {
+                std::fs::File::create(path).expect("leftover side file");
             }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
         }
         let store = Store::open(&database).await.expect("reopen store");
         store.create_stack("api", Stage::Dev, 0).await.expect("write");
