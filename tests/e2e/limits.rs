@@ -50,11 +50,13 @@ async fn idle_tls_connections_filled_the_connection_cap_for_good() {
     // The test holds every socket it opens.
     let budget = usize::try_from(raise_file_limit().saturating_sub(SPARE_FILES)).unwrap_or(FLOOD);
     let flood = FLOOD.min(budget);
+    // The cap is a fifth of the flood (400 for the full one), so the flood overruns it whatever
+    // the machine's open-file limit; far too few descriptors for even that fails here, clearly.
+    let cap = flood / 5;
     assert!(
-        flood >= 1000,
-        "the open-file limit ({budget} spare) is too low for a flood test"
+        cap > 64,
+        "the open-file limit leaves {budget} descriptors: too few to flood past the connection cap"
     );
-    let cap = 400;
     let temp = tempfile::tempdir().expect("temp dir");
     let coordinator = tokio::task::block_in_place(|| {
         Coordinator::start_with(
