@@ -2,64 +2,33 @@
 //! one is already using: an exclusive lock on `state/agent.lock`, held for
 //! the life of the process and released by the kernel when it exits.
 
-use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-#[derive(Debug, thiserror::Error)]
-pub enum LockError {
-    #[error(
-        "another rollwave-agent process{} is using {dir}; stop it first (only one agent may run per state dir)",
-        holder.map(|pid| format!(" (pid {pid})")).unwrap_or_default()
-    )]
-    Held { dir: PathBuf, holder: Option<u32> },
-    #[error("cannot lock {path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
+pub use rollwave_trust::files::LockError;
+use rollwave_trust::files::{DirLock, LockOwner};
+
+const OWNER: LockOwner = LockOwner {
+    program: "rollwave-agent process",
+    rule: "only one agent may run per state dir",
+};
 
 /// Holds the state dir until dropped.
 #[derive(Debug)]
 pub struct StateDirLock {
-    _file: File,
+    _lock: DirLock,
 }
 
 impl StateDirLock {
     pub fn acquire(state_dir: &Path) -> Result<Self, LockError> {
         let dir = state_dir.join("state");
         let path = dir.join("agent.lock");
-        let io_error = |source| LockError::Io {
+        std::fs::create_dir_all(&dir).map_err(|source| LockError::Io {
             path: path.clone(),
             source,
-        };
-        std::fs::create_dir_all(&dir).map_err(io_error)?;
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io_error)?;
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut text = String::new();
-                let _ = file.read_to_string(&mut text);
-                return Err(LockError::Held {
-                    dir: state_dir.to_owned(),
-                    holder: text.trim().parse().ok(),
-                });
-            }
-            Err(std::fs::TryLockError::Error(error)) => return Err(io_error(error)),
-        }
-        // Record who holds it, for the message the next process prints.
-        file.set_len(0).map_err(io_error)?;
-        file.rewind().map_err(io_error)?;
-        writeln!(file, "{}", std::process::id()).map_err(io_error)?;
-        Ok(Self { _file: file })
+        })?;
+        Ok(Self {
+            _lock: DirLock::acquire(state_dir, &path, OWNER)?,
+        })
     }
 }
 

@@ -44,8 +44,23 @@ pub enum CaError {
     },
     #[error("certificate signing request refused: {0}")]
     BadRequest(String),
-    #[error("{0} exists without {1}; supply both CA files or neither")]
-    HalfPresent(PathBuf, PathBuf),
+    #[error(
+        "{present} exists without {missing}, and {reason}; restore {missing} from a backup (replacing the CA would lock out every agent that trusts it), or supply both CA files"
+    )]
+    HalfPresent {
+        present: PathBuf,
+        missing: PathBuf,
+        reason: String,
+    },
+}
+
+/// What [`CertificateAuthority::load_or_create`] may do with a half-written CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recovery {
+    /// Nothing the CA issued is on record: replace it.
+    NothingIssued,
+    /// Refuse to start, saying why (what is on record, or that the operator supplied the files).
+    Refuse(String),
 }
 
 /// Where the CA's files live.
@@ -133,26 +148,57 @@ fn leaf_params(
 impl CertificateAuthority {
     /// Loads the CA from `files`, creating it when neither file exists.
     /// Returns whether it was created.
-    pub fn load_or_create(files: &CaFiles, now: OffsetDateTime) -> Result<(Self, bool), CaError> {
+    ///
+    /// A first start that died while writing the CA leaves one file without the other. When
+    /// `recovery` says nothing the CA issued is on record (no agent certificate, no join token),
+    /// no one can trust that half-written CA yet, so the lone file is replaced by a new CA;
+    /// otherwise starting is refused, since replacing the CA would lock out every agent.
+    pub fn load_or_create(files: &CaFiles, now: OffsetDateTime, recovery: Recovery) -> Result<(Self, bool), CaError> {
         match (files.certificate.exists(), files.key.exists()) {
             (true, true) => Ok((Self::load(files)?, false)),
-            (false, false) => {
-                let ca = Self::create(now)?;
-                write_public(&files.certificate, ca.certificate_pem.as_bytes()).map_err(|source| CaError::Write {
-                    path: files.certificate.clone(),
-                    source,
-                })?;
-                write_private(&files.key, ca.issuer.key().serialize_pem().as_bytes()).map_err(|source| {
-                    CaError::Write {
-                        path: files.key.clone(),
-                        source,
+            (false, false) => Ok((Self::create_files(files, now)?, true)),
+            (certificate_present, _) => {
+                let (present, missing) = if certificate_present {
+                    (&files.certificate, &files.key)
+                } else {
+                    (&files.key, &files.certificate)
+                };
+                match recovery {
+                    Recovery::NothingIssued => {
+                        tracing::warn!(
+                            present = %present.display(),
+                            missing = %missing.display(),
+                            "a half-written CA (an earlier first start was cut short); nothing it issued is on record, so it is replaced by a new CA"
+                        );
+                        std::fs::remove_file(present).map_err(|source| CaError::Write {
+                            path: present.clone(),
+                            source,
+                        })?;
+                        Ok((Self::create_files(files, now)?, true))
                     }
-                })?;
-                Ok((ca, true))
+                    Recovery::Refuse(reason) => Err(CaError::HalfPresent {
+                        present: present.clone(),
+                        missing: missing.clone(),
+                        reason,
+                    }),
+                }
             }
-            (true, false) => Err(CaError::HalfPresent(files.certificate.clone(), files.key.clone())),
-            (false, true) => Err(CaError::HalfPresent(files.key.clone(), files.certificate.clone())),
         }
+    }
+
+    /// Creates a CA and writes it: the key first, the certificate last, so a complete pair is
+    /// the only state in which the certificate (what agents pin) exists beside its key.
+    fn create_files(files: &CaFiles, now: OffsetDateTime) -> Result<Self, CaError> {
+        let ca = Self::create(now)?;
+        write_private(&files.key, ca.issuer.key().serialize_pem().as_bytes()).map_err(|source| CaError::Write {
+            path: files.key.clone(),
+            source,
+        })?;
+        write_public(&files.certificate, ca.certificate_pem.as_bytes()).map_err(|source| CaError::Write {
+            path: files.certificate.clone(),
+            source,
+        })?;
+        Ok(ca)
     }
 
     fn load(files: &CaFiles) -> Result<Self, CaError> {
@@ -261,29 +307,73 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let files = CaFiles::in_data_dir(dir.path());
         let now = OffsetDateTime::now_utc();
-        let (created, was_created) = CertificateAuthority::load_or_create(&files, now).expect("create");
+        let (created, was_created) =
+            CertificateAuthority::load_or_create(&files, now, Recovery::NothingIssued).expect("create");
         assert!(was_created);
-        let (loaded, was_created) = CertificateAuthority::load_or_create(&files, now).expect("load");
+        let (loaded, was_created) = CertificateAuthority::load_or_create(&files, now, refuse()).expect("load");
         assert!(!was_created);
         assert_eq!(created.fingerprint(), loaded.fingerprint());
     }
 
+    fn refuse() -> Recovery {
+        Recovery::Refuse("the database holds 3 agent certificates issued under it".into())
+    }
+
     #[test]
-    fn a_missing_key_is_an_error_not_a_new_ca() {
+    fn a_missing_key_is_an_error_not_a_new_ca_when_agents_trust_it() {
         let dir = tempfile::tempdir().expect("temp dir");
         let files = CaFiles::in_data_dir(dir.path());
-        CertificateAuthority::load_or_create(&files, OffsetDateTime::now_utc()).expect("create");
+        let now = OffsetDateTime::now_utc();
+        CertificateAuthority::load_or_create(&files, now, Recovery::NothingIssued).expect("create");
+        let certificate = std::fs::read(&files.certificate).expect("read ca.pem");
         std::fs::remove_file(&files.key).expect("remove key");
-        let result = CertificateAuthority::load_or_create(&files, OffsetDateTime::now_utc());
-        assert!(matches!(result, Err(CaError::HalfPresent(..))), "{result:?}");
+        let error = CertificateAuthority::load_or_create(&files, now, refuse()).expect_err("refused");
+        assert!(matches!(error, CaError::HalfPresent { .. }), "{error:?}");
+        let message = error.to_string();
+        assert!(
+            message.contains("3 agent certificates") && message.contains("restore"),
+            "{message}"
+        );
+        assert_eq!(
+            std::fs::read(&files.certificate).expect("read ca.pem"),
+            certificate,
+            "a CA that agents trust is never replaced"
+        );
+    }
+
+    #[test]
+    fn first_start_cut_short_between_ca_pem_and_ca_key_blocked_every_later_start() {
+        let now = OffsetDateTime::now_utc();
+        // Either file alone: what a crash or a full disk leaves in the middle of the first start.
+        for lone in ["ca.pem", "ca.key"] {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let files = CaFiles::in_data_dir(dir.path());
+            CertificateAuthority::load_or_create(&files, now, Recovery::NothingIssued).expect("create");
+            let other = if lone == "ca.pem" {
+                &files.key
+            } else {
+                &files.certificate
+            };
+            std::fs::remove_file(other).expect("remove the other file");
+            let (recovered, created) =
+                CertificateAuthority::load_or_create(&files, now, Recovery::NothingIssued).expect("recovered");
+            assert!(created, "{lone}: a new CA replaces the half-written one");
+            let (loaded, created) =
+                CertificateAuthority::load_or_create(&files, now, refuse()).expect("the next start loads it");
+            assert!(!created);
+            assert_eq!(loaded.fingerprint(), recovered.fingerprint(), "{lone}");
+        }
     }
 
     #[test]
     fn garbage_csr_is_refused() {
         let dir = tempfile::tempdir().expect("temp dir");
-        let (ca, _) =
-            CertificateAuthority::load_or_create(&CaFiles::in_data_dir(dir.path()), OffsetDateTime::now_utc())
-                .expect("create");
+        let (ca, _) = CertificateAuthority::load_or_create(
+            &CaFiles::in_data_dir(dir.path()),
+            OffsetDateTime::now_utc(),
+            Recovery::NothingIssued,
+        )
+        .expect("create");
         let result =
             ca.sign_instance_certificate("not a csr", "i-1", Duration::from_secs(60), OffsetDateTime::now_utc());
         assert!(matches!(result, Err(CaError::BadRequest(_))), "{result:?}");

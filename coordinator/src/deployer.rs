@@ -20,7 +20,7 @@ use crate::model::unix_ms;
 use crate::planner::{self, Candidate, Health, Plan, Strategy, WaveKind};
 use crate::presence::Presence;
 use crate::rollout::{Action, Input, InstanceState, Phase, Report, Rollout, RolloutError, RolloutOptions};
-use crate::store::{DeploymentRow, StoreError};
+use crate::store::{DeploymentRow, DeploymentUpdate, StoreError};
 use crate::traffic::{self, DrainOutcome, TrafficSettings, TrafficTarget};
 use crate::wishes::{self, Wish};
 
@@ -368,6 +368,7 @@ impl Deployer {
         };
         let row = DeploymentRow {
             id: id.clone(),
+            generation: 0,
             stack: request.stack.clone(),
             bundle: request.bundle.clone(),
             version: request.version.clone(),
@@ -753,26 +754,26 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
     let finished_now = live.record.rollout.is_finished() && !was_finished;
     if finished_now {
         live.record.reason = reason_of(&live.record.rollout);
-        if status == "succeeded" {
-            // Approve before recording success: a crash in between redoes the (idempotent) approval.
-            shared
-                .store
-                .approve(
-                    &live.row.stack,
-                    &live.row.bundle,
-                    &live.row.version,
-                    &live.row.id,
-                    live.record.rollback,
-                    now,
-                )
-                .await?;
-        }
     }
     let state = encode(&live.record)?;
-    shared
-        .store
-        .update_deployment(&live.row.id, status, &state, now)
-        .await?;
+    // Fenced by the generation this step started from; success approves in the same transaction.
+    let update = DeploymentUpdate {
+        expected_generation: live.row.generation,
+        status,
+        state: &state,
+        now_ms: now,
+        approve: finished_now && status == "succeeded",
+        rollback: live.record.rollback,
+    };
+    live.row.generation = match shared.store.update_deployment(&live.row.id, &update).await {
+        Ok(generation) => generation,
+        Err(error) => {
+            if matches!(error, StoreError::StaleDeployment { .. }) {
+                adopt_stored(shared, live).await;
+            }
+            return Err(error);
+        }
+    };
     live.row.status = status.to_owned();
     live.row.state = state;
     live.row.updated_at_ms = now;
@@ -828,6 +829,20 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
         tracing::info!(deployment = %live.row.id, status, reason = ?live.record.reason, "deployment finished");
     }
     Ok(())
+}
+
+/// Another writer moved the deployment on: nothing of this stale step is acted on, and the next
+/// step starts from the stored state (a finished one is then dropped by the caller).
+async fn adopt_stored(shared: &Shared, live: &mut Live) {
+    let stored = match shared.store.get_deployment(&live.row.id).await {
+        Ok(Some(row)) => decode(&row.state).map(|record| (row, record)),
+        Ok(None) => Err(StoreError::NoSuchDeployment(live.row.id.clone())),
+        Err(error) => Err(error),
+    };
+    match stored {
+        Ok((row, record)) => *live = Live { row, record },
+        Err(error) => tracing::error!(deployment = %live.row.id, %error, "cannot reload the stored deployment"),
+    }
 }
 
 fn apply_change(wish: &mut Wish, live: &Live, change: Action) {

@@ -10,6 +10,7 @@ pub mod deployer;
 pub mod grpc;
 pub mod identity;
 pub mod listener;
+pub mod lock;
 pub mod model;
 pub mod planner;
 pub mod presence;

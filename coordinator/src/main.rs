@@ -79,7 +79,15 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     options.limits.listener = ListenerLimits {
         max_connections: args.max_connections,
         handshake_timeout: args.handshake_timeout,
+        idle_timeout: args.idle_timeout,
+        max_pending_per_source: args.max_pending_per_source,
     };
+    options.limits.max_concurrent_streams = args.max_streams_per_connection;
+    options.limits.request_timeout = args.request_timeout;
+    options.limits.keepalive_interval = args.keepalive_interval;
+    options.limits.keepalive_timeout = args.keepalive_timeout;
+    options.limits.agent_message_max = args.max_agent_message;
+    options.limits.operator_message_max = args.max_operator_message;
     let mut running = server::start(options).await?;
     eprintln!(
         "rollwave coordinator listening on {}\n  operator CLI: rollwave --config {} instance list",

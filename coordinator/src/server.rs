@@ -17,13 +17,14 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::service::interceptor::InterceptedService;
 
-use crate::ca::{CaError, CaFiles, CertificateAuthority};
+use crate::ca::{CaError, CaFiles, CertificateAuthority, Recovery};
 use crate::deployer::Deployer;
 use crate::grpc::agent::AgentApi;
 use crate::grpc::operator::{OperatorApi, OperatorAuth};
 use crate::grpc::{ServiceSettings, Shared, random_hex, secret_hash};
 use crate::identity::{AgentCertificateVerifier, IssuedCertificates};
-use crate::listener::{ListenerLimits, TlsFaces, accept_tls};
+use crate::listener::{Connections, ListenerLimits, StreamTracking, TlsFaces, accept_tls};
+use crate::lock::{DataDirLock, LockError};
 use crate::model::unix_ms;
 use crate::presence::PresencePolicy;
 use crate::sessions::Sessions;
@@ -104,6 +105,8 @@ pub enum ServerError {
         source: std::io::Error,
     },
     #[error(transparent)]
+    Locked(#[from] LockError),
+    #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
     Ca(#[from] CaError),
@@ -158,6 +161,8 @@ pub struct RunningServer {
     /// Carries out drains and undrains; one cut short is re-sent when the deployment resumes.
     traffic_worker: JoinHandle<()>,
     grace: Duration,
+    /// Keeps other coordinators off the data dir while this one serves from it.
+    _lock: DataDirLock,
 }
 
 impl std::fmt::Debug for RunningServer {
@@ -197,6 +202,57 @@ impl RunningServer {
             Err(join_error) => Err(ServerError::Tls(format!("server task failed: {join_error}"))),
         }
     }
+}
+
+/// File descriptors the coordinator needs besides its connections: the database, the listener,
+/// logs, outbound clients (S3, load balancers).
+const RESERVED_FILES: u64 = 256;
+
+/// Raises the soft limit on open files to what the connection cap needs (up to the hard limit),
+/// and warns when even that is too low: past it, accepts fail and the cap is never reached.
+fn raise_file_limit(max_connections: usize) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let needed = u64::try_from(max_connections)
+        .unwrap_or(u64::MAX)
+        .saturating_add(RESERVED_FILES);
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft >= needed {
+        return;
+    }
+    let target = needed.min(hard);
+    if target > soft
+        && let Err(error) = setrlimit(Resource::RLIMIT_NOFILE, target, hard)
+    {
+        tracing::warn!(%error, soft, "cannot raise the open-file limit");
+    }
+    if hard < needed {
+        tracing::warn!(
+            max_connections,
+            limit = hard,
+            "--max-connections needs about {needed} open files but the hard limit is {hard}; \
+             raise it (LimitNOFILE= in the unit, ulimit -n) or lower --max-connections"
+        );
+    }
+}
+
+/// Whether a half-written CA may be replaced: only one of ours that nothing on record trusts.
+async fn ca_recovery(store: &Store, operator_supplied: bool) -> Result<Recovery, ServerError> {
+    if operator_supplied {
+        return Ok(Recovery::Refuse(
+            "the CA files were supplied with --ca-cert and --ca-key".into(),
+        ));
+    }
+    let certificates = store.list_certificates().await?.len();
+    let tokens = store.list_tokens(None).await?.len();
+    Ok(if certificates == 0 && tokens == 0 {
+        Recovery::NothingIssued
+    } else {
+        Recovery::Refuse(format!(
+            "the database holds {certificates} agent certificate(s) and {tokens} join token(s) issued under it"
+        ))
+    })
 }
 
 /// Creates the first operator and its token file, once.
@@ -288,6 +344,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         path: data_dir.clone(),
         source,
     })?;
+    // Before anything in the data dir is written: a second server must leave no trace.
+    let lock = DataDirLock::acquire(data_dir)?;
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)).map_err(|source| {
@@ -306,7 +364,8 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     let files = DataDirFiles::new(data_dir);
     let store = Store::open(&files.database).await?;
     let ca_files = options.ca_files.clone().unwrap_or_else(|| files.ca.clone());
-    let (ca, created) = CertificateAuthority::load_or_create(&ca_files, OffsetDateTime::now_utc())?;
+    let recovery = ca_recovery(&store, options.ca_files.is_some()).await?;
+    let (ca, created) = CertificateAuthority::load_or_create(&ca_files, OffsetDateTime::now_utc(), recovery)?;
     if created {
         tracing::info!(fingerprint = %ca.fingerprint(), "created the coordinator CA");
     }
@@ -361,9 +420,12 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
     let reflection_v1 = reflection().build_v1()?;
     let reflection_v1alpha = reflection().build_v1alpha()?;
 
-    let incoming = accept_tls(listener, faces, limits.listener);
+    raise_file_limit(limits.listener.max_connections);
+    let connections = Connections::new(limits.listener);
+    let incoming = accept_tls(listener, faces, connections.clone());
     let (shutdown, shutdown_signal) = oneshot::channel::<()>();
     let router = tonic::transport::Server::builder()
+        .layer(StreamTracking::new(connections))
         .max_concurrent_streams(limits.max_concurrent_streams)
         .timeout(limits.request_timeout)
         .http2_keepalive_interval(Some(limits.keepalive_interval))
@@ -400,5 +462,6 @@ pub async fn start(options: ServerOptions) -> Result<RunningServer, ServerError>
         shutdown,
         task,
         grace: limits.shutdown_grace,
+        _lock: lock,
     })
 }

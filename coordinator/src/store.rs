@@ -23,7 +23,7 @@ use crate::registry::{self, Decision, RegistrationRefused};
 mod deployments;
 mod traffic;
 
-pub use deployments::{Approval, DeploymentRow, HealthRow, Pin};
+pub use deployments::{Approval, DeploymentRow, DeploymentUpdate, HealthRow, Pin};
 
 /// The SQLite migrations, embedded so the binary carries its own schema.
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -34,6 +34,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/sqlite/0002_deployments.sql"),
     ),
     (3, "traffic", include_str!("../migrations/sqlite/0003_traffic.sql")),
+    (
+        4,
+        "deployment generation",
+        include_str!("../migrations/sqlite/0004_deployment_generation.sql"),
+    ),
     (
         7,
         "approval kind",
@@ -49,6 +54,12 @@ pub enum StoreError {
         #[source]
         source: sqlx::Error,
     },
+    #[error("restrict {path} to its owner (mode 0600): {source}")]
+    Permissions {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("migrate database schema: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("database: {0}")]
@@ -61,6 +72,8 @@ pub enum StoreError {
     NoSuchStack(String),
     #[error("instance {0:?} does not exist")]
     NoSuchInstance(String),
+    #[error("deployment {0:?} does not exist")]
+    NoSuchDeployment(String),
     #[error("join token {0:?} does not exist")]
     NoSuchToken(String),
     #[error("join token {id:?} cannot be used: {reason}")]
@@ -71,6 +84,10 @@ pub enum StoreError {
     NoSuchRelease { bundle: String, version: String },
     #[error(transparent)]
     RegistrationRefused(#[from] RegistrationRefused),
+    #[error(
+        "deployment {id} was changed by another writer (stored generation {stored}, this view is generation {expected}); nothing was written: reload the deployment and try again"
+    )]
+    StaleDeployment { id: String, expected: u64, stored: u64 },
 }
 
 /// What registering a release did.
@@ -107,9 +124,43 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
 
+/// Mode of the database and its side files: they hold operator and token hashes, the audit trail.
+const DATABASE_FILE_MODE: u32 = 0o600;
+
+/// Creates the database file owner-only if missing, and tightens an existing one and its
+/// `-wal`/`-shm` files (written 0644 by earlier versions). SQLite creates the side files with
+/// the main file's mode, so new ones are 0600 too.
+fn restrict_database_files(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(DATABASE_FILE_MODE)
+        .open(path)?;
+    let mut side_files = vec![path.to_owned()];
+    for suffix in ["-wal", "-shm", "-journal"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        side_files.push(name.into());
+    }
+    for file in side_files {
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(DATABASE_FILE_MODE)) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the database file and brings its schema up to date.
+    /// The database and its `-wal`/`-shm` files are readable by the owner only.
     pub async fn open(path: &Path) -> Result<Self, StoreError> {
+        restrict_database_files(path).map_err(|source| StoreError::Permissions {
+            path: path.display().to_string(),
+            source,
+        })?;
         let options = SqliteConnectOptions::new()
             .filename(path)
             .create_if_missing(true)
@@ -707,6 +758,43 @@ mod tests {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = Store::open(&dir.path().join("rollwave.db")).await.expect("open store");
         (dir, store)
+    }
+
+    fn mode_of(path: &Path) -> u32 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::metadata(path).expect("stat").permissions().mode() & 0o777
+    }
+
+    #[tokio::test]
+    async fn database_files_were_world_readable() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let database = dir.path().join("rollwave.db");
+        let side_files = ["rollwave.db-wal", "rollwave.db-shm"].map(|name| dir.path().join(name));
+        {
+            let store = Store::open(&database).await.expect("open store");
+            store
+                .create_stack("web", Stage::Dev, 0)
+                .await
+                .expect("a write, so the WAL exists");
+            for path in std::iter::once(&database).chain(&side_files) {
+                assert_eq!(mode_of(path), 0o600, "{}", path.display());
+            }
+            store.pool.close().await;
+        }
+        // Files an earlier version left readable by everyone (side files included, as a crash
+        // leaves them) are tightened at the next start.
+        for path in std::iter::once(&database).chain(&side_files) {
+            if !path.exists() {
+                std::fs::File::create(path).expect("leftover side file");
+            }
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        }
+        let store = Store::open(&database).await.expect("reopen store");
+        store.create_stack("api", Stage::Dev, 0).await.expect("write");
+        for path in std::iter::once(&database).chain(&side_files) {
+            assert_eq!(mode_of(path), 0o600, "{} after reopening", path.display());
+        }
     }
 
     fn token(stack: &str, uses: u32, expires_at_ms: i64) -> JoinTokenRecord {

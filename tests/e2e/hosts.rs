@@ -681,6 +681,18 @@ fn hosts_server_package_installs_runs_as_its_user_and_stops_on_removal() {
         instance.sh_ok("stat -c %U /proc/$(systemctl show -p MainPID --value rollwave-server)"),
         "rollwave"
     );
+    // Enough file descriptors for the default connection cap (10000), and a database only
+    // the coordinator reads.
+    assert_eq!(
+        instance.sh_ok(
+            "grep 'Max open files' /proc/$(systemctl show -p MainPID --value rollwave-server)/limits | awk '{print $4}'"
+        ),
+        "16384"
+    );
+    assert_eq!(
+        instance.sh_ok("stat -c %a /var/lib/rollwave-server/rollwave.db /var/lib/rollwave-server/server.lock"),
+        "600\n600"
+    );
     // The packaged CLI talks to the packaged server.
     let listed = wait_long("the packaged CLI to reach the server", || {
         let (text, ok) = instance.sh("rollwave --config /var/lib/rollwave-server/cli.toml stack list");

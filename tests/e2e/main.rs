@@ -6,6 +6,7 @@ mod deployments;
 mod hosts;
 mod install;
 mod joining;
+mod limits;
 mod packaging;
 mod releases;
 mod restart;

@@ -240,7 +240,9 @@ async fn stalled_handshakes_are_dropped_and_oversized_messages_refused() {
         Coordinator::start_with(
             temp.path(),
             CoordinatorSettings {
-                extra_args: vec!["--handshake-timeout".into(), "1s".into()],
+                extra_args: ["--handshake-timeout", "1s", "--max-operator-message", "64KiB"]
+                    .map(String::from)
+                    .to_vec(),
                 ..CoordinatorSettings::default()
             },
         )
@@ -256,7 +258,8 @@ async fn stalled_handshakes_are_dropped_and_oversized_messages_refused() {
         "no data for a client that never shook hands: {read:?}"
     );
 
-    // An operator message above the limit is refused without reaching the handler.
+    // An operator message above the limit (--max-operator-message; the default, 4 MiB, would let
+    // it through to the handler) is refused without reaching the handler.
     let token: tonic::metadata::MetadataValue<_> = format!("Bearer {}", coordinator.operator_token())
         .parse()
         .expect("header");
@@ -268,11 +271,17 @@ async fn stalled_handshakes_are_dropped_and_oversized_messages_refused() {
         },
     );
     let huge = pb::CreateStackRequest {
-        name: "x".repeat(5 * 1024 * 1024),
+        name: "x".repeat(100 * 1024),
         stage: "dev".into(),
     };
     let status = client.create_stack(huge).await.expect_err("oversized message refused");
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status:?}");
+    // The CLI says which limit it ran into.
+    let long_name = "x".repeat(100 * 1024);
+    let output = tokio::task::block_in_place(|| coordinator.try_cli(&["stack", "create", &long_name]));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("--max-operator-message"), "{stderr}");
     // Without a token, nothing is served.
     let status = OperatorServiceClient::new(public_channel(&coordinator).await)
         .list_stacks(pb::ListStacksRequest {})

@@ -229,6 +229,10 @@ impl Coordinator {
         self.dir.join("data")
     }
 
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn ca_pem(&self) -> Vec<u8> {
         std::fs::read(self.data_dir().join("ca.pem")).expect("ca.pem")
     }

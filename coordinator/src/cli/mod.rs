@@ -140,6 +140,60 @@ pub struct ServerArgs {
     /// Drop clients that have not finished the TLS handshake by then
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub handshake_timeout: Duration,
+    /// Close connections that have had no call (HTTP/2 stream) open for this long
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+    /// Connections from one address that have not authenticated yet (no agent certificate, no
+    /// call made), at most; the oldest is closed to make room. Agents never count
+    #[arg(long, default_value_t = 64, value_parser = parse_at_least_one)]
+    pub max_pending_per_source: usize,
+    /// HTTP/2 streams (calls) one connection may have open at once
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_streams_per_connection: u32,
+    /// Unary calls must finish within this (agent sessions and watches are not cut by it)
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub request_timeout: Duration,
+    /// Ping idle clients over HTTP/2 this often
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub keepalive_interval: Duration,
+    /// Close a connection whose client does not answer a ping within this
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub keepalive_timeout: Duration,
+    /// Largest message an agent may send or receive (bytes, or with KiB or MiB)
+    #[arg(long, default_value = "1MiB", value_parser = parse_size)]
+    pub max_agent_message: usize,
+    /// Largest message an operator may send or receive (bytes, or with KiB or MiB)
+    #[arg(long, default_value = "4MiB", value_parser = parse_size)]
+    pub max_operator_message: usize,
+}
+
+/// A count that must be at least 1.
+fn parse_at_least_one(text: &str) -> Result<usize, String> {
+    match text.trim().parse::<usize>() {
+        Ok(0) | Err(_) => Err(format!("{text:?}: give a whole number of at least 1")),
+        Ok(count) => Ok(count),
+    }
+}
+
+/// A size in bytes: a plain number, or one with a `KiB` or `MiB` suffix.
+pub fn parse_size(text: &str) -> Result<usize, String> {
+    let trimmed = text.trim();
+    let (number, unit) = if let Some(number) = trimmed.strip_suffix("MiB") {
+        (number, 1024 * 1024)
+    } else if let Some(number) = trimmed.strip_suffix("KiB") {
+        (number, 1024)
+    } else {
+        (trimmed, 1)
+    };
+    let count: usize = number
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size: give bytes (65536) or KiB/MiB (64KiB, 4MiB)"))?;
+    match count.checked_mul(unit) {
+        Some(0) => Err(format!("{text:?}: a size must be at least one byte")),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{text:?} is too large")),
+    }
 }
 
 const DEMO_HELP: &str = "\
@@ -246,7 +300,13 @@ pub async fn operator_client(profile: &Profile) -> anyhow::Result<OperatorClient
 
 /// Turns a gRPC status into an error whose message is the server's explanation.
 fn call_error(status: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{} ({:?})", status.message(), status.code())
+    // tonic's own words for a message above the server's limit name neither the limit nor the flag.
+    let hint = if status.code() == tonic::Code::OutOfRange && status.message().contains("message length too large") {
+        "; the request is larger than the coordinator accepts from operators (its --max-operator-message)"
+    } else {
+        ""
+    };
+    anyhow::anyhow!("{}{hint} ({:?})", status.message(), status.code())
 }
 
 /// Runs an operator command against the coordinator.
@@ -377,5 +437,38 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
         Command::Server(_) | Command::Demo(_) | Command::Release(_) => {
             unreachable!("server and demo are dispatched by main, releases above")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_take_bytes_or_binary_units() {
+        assert_eq!(parse_size("65536"), Ok(65536));
+        assert_eq!(parse_size("64KiB"), Ok(64 * 1024));
+        assert_eq!(parse_size("4MiB"), Ok(4 * 1024 * 1024));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("4MB").expect_err("unknown unit").contains("KiB/MiB"));
+    }
+
+    #[test]
+    fn server_limits_default_to_their_former_values() {
+        let cli = Cli::parse_from(["rollwave", "server", "--data-dir", "/tmp/x"]);
+        let Command::Server(args) = cli.command else {
+            panic!("not the server command");
+        };
+        let defaults = crate::server::ServerLimits::default();
+        assert_eq!(args.max_connections, defaults.listener.max_connections);
+        assert_eq!(args.handshake_timeout, defaults.listener.handshake_timeout);
+        assert_eq!(args.idle_timeout, defaults.listener.idle_timeout);
+        assert_eq!(args.max_pending_per_source, defaults.listener.max_pending_per_source);
+        assert_eq!(args.max_streams_per_connection, defaults.max_concurrent_streams);
+        assert_eq!(args.request_timeout, defaults.request_timeout);
+        assert_eq!(args.keepalive_interval, defaults.keepalive_interval);
+        assert_eq!(args.keepalive_timeout, defaults.keepalive_timeout);
+        assert_eq!(args.max_agent_message, defaults.agent_message_max);
+        assert_eq!(args.max_operator_message, defaults.operator_message_max);
     }
 }

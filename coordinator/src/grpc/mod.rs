@@ -91,6 +91,9 @@ impl From<ServiceError> for Status {
             ServiceError::Store(StoreError::TokenUnusable { .. }) => Status::permission_denied(message),
             ServiceError::Store(StoreError::InstanceInOtherStack { .. }) => Status::failed_precondition(message),
             ServiceError::Store(StoreError::NoSuchRelease { .. }) => Status::not_found(message),
+            // Another writer changed the deployment first: gRPC's code for a lost concurrency race.
+            ServiceError::Store(StoreError::StaleDeployment { .. }) => Status::aborted(message),
+            ServiceError::Store(StoreError::NoSuchDeployment(_)) => Status::not_found(message),
             ServiceError::Store(StoreError::RegistrationRefused(refused)) => match refused {
                 RegistrationRefused::ChangeKind { .. } => Status::failed_precondition(message),
                 RegistrationRefused::ChangeContent { .. } | RegistrationRefused::ChangeLocation { .. } => {

@@ -30,6 +30,8 @@ pub struct Pin {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeploymentRow {
     pub id: String,
+    /// Bumped by every update; an update names the generation it was computed from.
+    pub generation: u64,
     pub stack: String,
     pub bundle: String,
     pub version: String,
@@ -39,6 +41,19 @@ pub struct DeploymentRow {
     pub created_by: String,
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
+}
+
+/// A new state for a deployment, computed from the row at `expected_generation`.
+#[derive(Debug, Clone, Copy)]
+pub struct DeploymentUpdate<'a> {
+    pub expected_generation: u64,
+    pub status: &'a str,
+    pub state: &'a str,
+    pub now_ms: i64,
+    /// The deployment succeeded: approve its release in the same transaction.
+    pub approve: bool,
+    /// The deployment was a rollback: its approval is recorded as one (see [`Store::approval_history`]).
+    pub rollback: bool,
 }
 
 /// The latest health an instance reported for a bundle.
@@ -64,6 +79,7 @@ fn to_i64(value: u64) -> i64 {
 fn deployment_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<DeploymentRow, StoreError> {
     Ok(DeploymentRow {
         id: row.try_get("id")?,
+        generation: to_u64(row.try_get("generation")?),
         stack: row.try_get("stack")?,
         bundle: row.try_get("bundle")?,
         version: row.try_get("version")?,
@@ -223,8 +239,9 @@ impl Store {
 
     pub async fn create_deployment(&self, row: &DeploymentRow) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO deployments (id, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            "INSERT INTO deployments \
+             (id, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at, generation) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
         )
         .bind(&row.id)
         .bind(&row.stack)
@@ -236,25 +253,63 @@ impl Store {
         .bind(&row.created_by)
         .bind(row.created_at_ms)
         .bind(row.updated_at_ms)
+        .bind(to_i64(row.generation))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    pub async fn update_deployment(&self, id: &str, status: &str, state: &str, now_ms: i64) -> Result<(), StoreError> {
-        sqlx::query("UPDATE deployments SET status = $2, state = $3, updated_at = $4 WHERE id = $1")
+    /// Stores a deployment's new state (and approves its release when asked), only if the row is
+    /// still at the generation the update was computed from; returns the new generation. A writer
+    /// with an older view gets [`StoreError::StaleDeployment`] and nothing changes.
+    pub async fn update_deployment(&self, id: &str, update: &DeploymentUpdate<'_>) -> Result<u64, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let updated = sqlx::query(
+            "UPDATE deployments SET status = $3, state = $4, updated_at = $5, generation = generation + 1 \
+             WHERE id = $1 AND generation = $2 RETURNING generation, stack, bundle, version",
+        )
+        .bind(id)
+        .bind(to_i64(update.expected_generation))
+        .bind(update.status)
+        .bind(update.state)
+        .bind(update.now_ms)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(updated) = updated else {
+            let stored = sqlx::query("SELECT generation FROM deployments WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+            return Err(match stored {
+                Some(row) => StoreError::StaleDeployment {
+                    id: id.to_owned(),
+                    expected: update.expected_generation,
+                    stored: to_u64(row.try_get("generation")?),
+                },
+                None => StoreError::NoSuchDeployment(id.to_owned()),
+            });
+        };
+        if update.approve {
+            sqlx::query(
+                "INSERT INTO approvals (stack, bundle, version, deployment_id, approved_at, kind) \
+                 VALUES ($1, $2, $3, $4, $5, $6)",
+            )
+            .bind(updated.try_get::<String, _>("stack")?)
+            .bind(updated.try_get::<String, _>("bundle")?)
+            .bind(updated.try_get::<String, _>("version")?)
             .bind(id)
-            .bind(status)
-            .bind(state)
-            .bind(now_ms)
-            .execute(&self.pool)
+            .bind(update.now_ms)
+            .bind(if update.rollback { "rollback" } else { "forward" })
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        }
+        tx.commit().await?;
+        Ok(to_u64(updated.try_get("generation")?))
     }
 
     pub async fn get_deployment(&self, id: &str) -> Result<Option<DeploymentRow>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at \
+            "SELECT id, generation, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at \
              FROM deployments WHERE id = $1",
         )
         .bind(id)
@@ -270,7 +325,7 @@ impl Store {
         running_only: bool,
     ) -> Result<Vec<DeploymentRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at \
+            "SELECT id, generation, stack, bundle, version, epoch, status, state, created_by, created_at, updated_at \
              FROM deployments WHERE ($1 = '' OR stack = $1) AND ($2 = FALSE OR status = 'running') \
              ORDER BY created_at DESC, id",
         )
@@ -392,11 +447,10 @@ mod tests {
         assert!(second > first && first > 0);
     }
 
-    #[tokio::test]
-    async fn running_deployments_are_found_and_updated() {
-        let (_dir, store) = store().await;
-        let mut row = DeploymentRow {
-            id: "d1".into(),
+    fn deployment(id: &str) -> DeploymentRow {
+        DeploymentRow {
+            id: id.into(),
+            generation: 0,
             stack: "web".into(),
             bundle: "app".into(),
             version: "1".into(),
@@ -406,9 +460,11 @@ mod tests {
             created_by: "op".into(),
             created_at_ms: 1,
             updated_at_ms: 1,
-        };
-        // The release must exist (foreign key); deployments of unknown releases are refused.
-        assert!(store.create_deployment(&row).await.is_err());
+        }
+    }
+
+    /// Registers app@1, so deployments of it can be created.
+    async fn register_release(store: &Store) {
         sqlx::query("INSERT INTO bundles (name, kind, created_at) VALUES ('app', 'app', 0)")
             .execute(&store.pool)
             .await
@@ -420,19 +476,33 @@ mod tests {
         .execute(&store.pool)
         .await
         .expect("release");
+    }
+
+    #[tokio::test]
+    async fn running_deployments_are_found_and_updated() {
+        let (_dir, store) = store().await;
+        let mut row = deployment("d1");
+        // The release must exist (foreign key); deployments of unknown releases are refused.
+        assert!(store.create_deployment(&row).await.is_err());
+        register_release(&store).await;
         store.create_deployment(&row).await.expect("create");
         assert_eq!(store.list_deployments(Some("web"), true).await.expect("list").len(), 1);
-        store
-            .update_deployment("d1", "succeeded", "{\"x\":1}", 5)
-            .await
-            .expect("update");
+        let update = DeploymentUpdate {
+            expected_generation: 0,
+            status: "succeeded",
+            state: "{\"x\":1}",
+            now_ms: 5,
+            approve: true,
+            rollback: false,
+        };
+        assert_eq!(store.update_deployment("d1", &update).await.expect("update"), 1);
         assert!(store.list_deployments(None, true).await.expect("list").is_empty());
         row.status = "succeeded".into();
         row.state = "{\"x\":1}".into();
         row.updated_at_ms = 5;
+        row.generation = 1;
         assert_eq!(store.get_deployment("d1").await.expect("get"), Some(row));
 
-        store.approve("web", "app", "1", "d1", false, 6).await.expect("approve");
         let approved = store.approved("web").await.expect("approved");
         assert_eq!(approved.len(), 1);
         assert_eq!(approved[0].version, "1");
@@ -440,5 +510,60 @@ mod tests {
             store.approval_history("web", "app").await.expect("history"),
             [("1".to_owned(), false)]
         );
+    }
+
+    #[tokio::test]
+    async fn a_stale_coordinator_overwrote_the_finished_deployment() {
+        let (_dir, store) = store().await;
+        register_release(&store).await;
+        store.create_deployment(&deployment("d1")).await.expect("create");
+        // Two writers read generation 0; the first finishes the deployment.
+        let finished = DeploymentUpdate {
+            expected_generation: 0,
+            status: "succeeded",
+            state: "{\"finished\":true}",
+            now_ms: 5,
+            approve: true,
+            rollback: false,
+        };
+        assert_eq!(store.update_deployment("d1", &finished).await.expect("first writer"), 1);
+        // The second, with its older view, would turn it back into a running one (and approve).
+        let stale = DeploymentUpdate {
+            expected_generation: 0,
+            status: "running",
+            state: "{\"stale\":true}",
+            now_ms: 6,
+            approve: true,
+            rollback: false,
+        };
+        let error = store
+            .update_deployment("d1", &stale)
+            .await
+            .expect_err("stale writer refused");
+        assert!(
+            matches!(&error, StoreError::StaleDeployment { id, expected: 0, stored: 1 } if id == "d1"),
+            "{error:?}"
+        );
+        let stored = store.get_deployment("d1").await.expect("get").expect("row");
+        assert_eq!(
+            (stored.status.as_str(), stored.state.as_str(), stored.generation),
+            ("succeeded", "{\"finished\":true}", 1)
+        );
+        assert_eq!(
+            store.approval_history("web", "app").await.expect("history"),
+            [("1".to_owned(), false)],
+            "one approval only"
+        );
+        // A writer that reloads goes on from the stored generation.
+        let next = DeploymentUpdate {
+            expected_generation: 1,
+            ..stale
+        };
+        assert_eq!(store.update_deployment("d1", &next).await.expect("fresh writer"), 2);
+        let missing = store
+            .update_deployment("d2", &next)
+            .await
+            .expect_err("no such deployment");
+        assert!(matches!(missing, StoreError::NoSuchDeployment(_)), "{missing:?}");
     }
 }
