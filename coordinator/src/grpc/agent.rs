@@ -16,9 +16,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{ServiceError, Shared, random_hex, secret_hash};
 use crate::ca::SignedCertificate;
-use crate::model::{InstanceFacts, ObservedRelease, TokenStatus, unix_ms, validate_name};
+use crate::enrollment::{JoinAttempt, JoinDecision};
+use crate::model::{InstanceFacts, ObservedRelease, unix_ms, validate_name};
 use crate::sessions::Outbound;
-use crate::store::{IssuedCertificate, StoreError};
+use crate::store::{IssuedCertificate, NewJoin, StoreError};
 
 /// Pushes queued for one agent before the session counts as stuck.
 const OUTBOUND_QUEUE: usize = 32;
@@ -94,16 +95,6 @@ impl AgentApi {
                 .await;
             return Err(refused());
         }
-        let now = SystemTime::now();
-        let status = token.status(unix_ms(now));
-        if status != TokenStatus::Active {
-            return Err(ServiceError::PermissionDenied(format!(
-                "join token {} is {}; create a new one with `rollwave token create --stack {}`",
-                token.id,
-                status.as_str(),
-                token.stack
-            )));
-        }
         if !request.expected_stack.is_empty() && request.expected_stack != token.stack {
             return Err(ServiceError::PermissionDenied(format!(
                 "join token {} is for stack {:?}, but this instance is configured for stack {:?}",
@@ -116,12 +107,51 @@ impl AgentApi {
             validate_name("instance id", &request.requested_instance_id)?;
             request.requested_instance_id
         };
+        if request.request_id.len() > MAX_FACT_LEN {
+            return Err(ServiceError::BadRequest(format!(
+                "join request id too long: at most {MAX_FACT_LEN} bytes"
+            )));
+        }
+        let now = SystemTime::now();
         let (signed, issued) = self.sign(&request.csr_pem, &instance_id, now)?;
-        shared
-            .store
-            .join_instance(&token.id, &instance_id, &token.stack, &facts, &issued, unix_ms(now))
-            .await?;
-        shared.issued.insert(signed.fingerprint, &instance_id);
+        let attempt = JoinAttempt {
+            request_id: request.request_id,
+            public_key_sha256: signed.public_key.to_string(),
+            stack: token.stack.clone(),
+            instance_id,
+        };
+        let join = NewJoin {
+            attempt: &attempt,
+            token_id: &token.id,
+            facts: &facts,
+            certificate: &issued,
+            certificate_pem: &signed.pem,
+            now_ms: unix_ms(now),
+        };
+        let outcome = match shared.issued.join(&shared.store, &join).await {
+            Ok(decision) => Ok(decision),
+            Err(StoreError::JoinRefused(refused)) => Err(refused),
+            Err(error) => return Err(error.into()),
+        };
+        let (instance_id, certificate_pem, not_after_ms) = match outcome {
+            Ok(JoinDecision::Create) => (attempt.instance_id, signed.pem, issued.not_after_ms),
+            Ok(JoinDecision::Replay(past)) => {
+                tracing::info!(instance = %past.instance_id, request = %past.request_id, "join repeated; answered as before");
+                (past.instance_id, past.certificate_pem, past.not_after_ms)
+            }
+            Err(refused) => {
+                shared
+                    .audit(
+                        "agent",
+                        "instance.join",
+                        &attempt.instance_id,
+                        "denied",
+                        format!("token {}: {refused}", token.id),
+                    )
+                    .await;
+                return Err(StoreError::JoinRefused(refused).into());
+            }
+        };
         shared
             .audit(
                 &format!("instance:{instance_id}"),
@@ -135,17 +165,16 @@ impl AgentApi {
         Ok(pb::JoinResponse {
             instance_id,
             stack: token.stack,
-            certificate_pem: signed.pem,
+            certificate_pem,
             ca_pem: shared.ca.certificate_pem().to_owned(),
-            not_after_unix_ms: issued.not_after_ms,
+            not_after_unix_ms: not_after_ms,
         })
     }
 
     async fn renew(&self, instance_id: &str, request: pb::RenewRequest) -> Result<pb::RenewResponse, ServiceError> {
         let shared = &self.shared;
         let (signed, issued) = self.sign(&request.csr_pem, instance_id, SystemTime::now())?;
-        shared.store.add_certificate(instance_id, &issued).await?;
-        shared.issued.insert(signed.fingerprint, instance_id);
+        shared.issued.renew(&shared.store, instance_id, &issued).await?;
         tracing::info!(instance = %instance_id, "certificate renewed");
         Ok(pb::RenewResponse {
             certificate_pem: signed.pem,
