@@ -233,6 +233,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     Identity::file(&config.tls_dir).display().to_string(),
                 ));
             }
+            Err(error) if error.is_duplicate_identity() => {
+                // Not a fault a quick retry fixes: wait the longest reconnect delay, and say why.
+                let delay = config.reconnect_max.mul_f64(0.5 + 0.5 * fastrand::f64());
+                tracing::error!(
+                    error = %error,
+                    retry_in = ?delay,
+                    "duplicate identity: another agent with this instance's identity holds a live session \
+                     (a copied {} or an image baked after joining); this agent stays disconnected. \
+                     Give this host its own identity: stop the agent, remove {}, and join with a new token",
+                    config.tls_dir.display(),
+                    Identity::file(&config.tls_dir).display(),
+                );
+                tokio::time::sleep(delay).await;
+            }
             Err(error) => {
                 // A session that lasted a while was healthy: start backing off from the bottom.
                 if started.elapsed() > config.reconnect_max {

@@ -18,7 +18,7 @@ use super::{ServiceError, Shared, random_hex, secret_hash};
 use crate::ca::SignedCertificate;
 use crate::enrollment::{JoinAttempt, JoinDecision};
 use crate::model::{InstanceFacts, ObservedRelease, unix_ms, validate_name};
-use crate::sessions::Outbound;
+use crate::sessions::{Admission, Outbound, PROBE_TIMEOUT};
 use crate::store::{IssuedCertificate, NewJoin, StoreError};
 
 /// Pushes queued for one agent before the session counts as stuck.
@@ -186,6 +186,7 @@ impl AgentApi {
     async fn open_session(
         &self,
         instance_id: &str,
+        peer: &str,
         inbound: &mut Streaming<pb::AgentMessage>,
     ) -> Result<(Outbound, mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>, u64), Status> {
         let shared = &self.shared;
@@ -229,11 +230,6 @@ impl AgentApi {
                 state: release.state,
             })
             .collect();
-        shared
-            .store
-            .record_hello(instance_id, &facts, &observed, unix_ms(SystemTime::now()))
-            .await
-            .map_err(|error| Status::from(ServiceError::from(error)))?;
         let instance = shared
             .store
             .get_instance(instance_id)
@@ -250,8 +246,51 @@ impl AgentApi {
                 body: Some(CoordinatorBody::HelloAck(ack)),
             }))
             .expect("a fresh queue has room for the acknowledgement");
-        let session_id = shared.sessions.open(instance_id, sender.clone());
+        // Before anything of this hello is stored: a duplicate must not overwrite what the live holder said.
+        let session_id = match shared.sessions.admit(instance_id, sender.clone(), PROBE_TIMEOUT).await {
+            Admission::Opened { session_id, replaced } => {
+                if replaced {
+                    tracing::info!(instance = %instance_id, %peer, "the previous session did not answer a ping; replaced it");
+                }
+                session_id
+            }
+            Admission::Duplicate => return Err(self.refuse_duplicate(instance_id, peer).await),
+        };
+        let recorded = shared
+            .store
+            .record_hello(instance_id, &facts, &observed, unix_ms(SystemTime::now()))
+            .await;
+        if let Err(error) = recorded {
+            shared.sessions.close(instance_id, session_id);
+            return Err(ServiceError::from(error).into());
+        }
         Ok((sender, receiver, session_id))
+    }
+
+    /// Records a refused duplicate (audited once per streak) and says why to its agent.
+    async fn refuse_duplicate(&self, instance_id: &str, peer: &str) -> Status {
+        let shared = &self.shared;
+        let now = unix_ms(SystemTime::now());
+        let detail = format!(
+            "another live session holds this identity; refused a second session from {peer}: \
+             two hosts share one identity (a copied TLS dir, an image baked after joining)"
+        );
+        tracing::warn!(instance = %instance_id, %peer, "{detail}");
+        if shared.sessions.note_duplicate(instance_id, peer, now) {
+            shared
+                .audit(
+                    &format!("instance:{instance_id}"),
+                    "session.open",
+                    instance_id,
+                    "denied",
+                    format!("duplicate identity: {detail}"),
+                )
+                .await;
+        }
+        Status::already_exists(format!(
+            "another live session holds this identity (instance {instance_id}); this host must not use it: \
+             stop this agent, remove its tls_dir/identity.toml and join with a new token"
+        ))
     }
 }
 
@@ -264,6 +303,10 @@ async fn serve_session(
     outbound: Outbound,
 ) {
     while let Some(message) = inbound.next().await {
+        // A replaced or evicted session speaks for the instance no more.
+        if !shared.sessions.is_current(&instance_id, session_id) {
+            break;
+        }
         let body = match message {
             Ok(pb::AgentMessage { body: Some(body) }) => body,
             Ok(pb::AgentMessage { body: None }) => continue,
@@ -313,6 +356,9 @@ async fn serve_session(
             }
             AgentBody::HookOutput(_) => {
                 tracing::debug!(instance = %instance_id, "hook output received");
+            }
+            AgentBody::Pong(pong) => {
+                shared.sessions.answer_probe(&instance_id, session_id, pong.nonce);
             }
         }
     }
@@ -365,8 +411,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let instance_id = self.caller(&request)?;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "an unknown address".to_owned(), |addr| addr.to_string());
         let mut inbound = request.into_inner();
-        let (outbound, receiver, session_id) = self.open_session(&instance_id, &mut inbound).await?;
+        let (outbound, receiver, session_id) = self.open_session(&instance_id, &peer, &mut inbound).await?;
         tracing::info!(instance = %instance_id, "session opened");
         // The instance's wish (approved releases for a new one) goes out first,
         // then deployments of its stack take it on if it is new to them.
