@@ -282,6 +282,52 @@ mod tests {
         }
     }
 
+    /// Tidy: outside the store itself, only this module changes the certificates
+    /// table, so no path can change the store without the copy (issue 10, item 4).
+    #[test]
+    fn only_identity_writes_the_certificates_table() {
+        const WRITERS: [&str; 3] = [
+            "store.join_instance(",
+            "store.add_certificate(",
+            "store.remove_instance(",
+        ];
+        let source_dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut pending = vec![source_dir.clone()];
+        let mut offenders = Vec::new();
+        while let Some(dir) = pending.pop() {
+            for entry in std::fs::read_dir(&dir).expect("read source dir") {
+                let path = entry.expect("entry").path();
+                if path.is_dir() {
+                    pending.push(path);
+                    continue;
+                }
+                let relative = path
+                    .strip_prefix(&source_dir)
+                    .expect("under src")
+                    .to_string_lossy()
+                    .into_owned();
+                if relative == "identity.rs" || relative == "store.rs" || relative.starts_with("store/") {
+                    continue;
+                }
+                let text: String = std::fs::read_to_string(&path)
+                    .unwrap_or_default()
+                    .chars()
+                    .filter(|c| !c.is_whitespace())
+                    .collect();
+                offenders.extend(
+                    WRITERS
+                        .iter()
+                        .filter(|writer| text.contains(*writer))
+                        .map(|writer| format!("{relative}: {writer}")),
+                );
+            }
+        }
+        assert!(
+            offenders.is_empty(),
+            "change certificates through identity::IssuedCertificates: {offenders:?}"
+        );
+    }
+
     #[tokio::test]
     async fn a_failed_renewal_of_a_removed_instance_is_not_recognised() {
         let (_dir, store) = open_with_token(1).await;
