@@ -49,6 +49,8 @@ fn agents_join_and_appear_with_their_zones() {
         .instance_by_hostname("agent-0")
         .expect("agent-0 listed");
     assert_eq!(identity["instance_id"].as_str(), shown["id"].as_str());
+    // The pending join (key and request id kept for retries) is gone once the identity is saved.
+    assert!(!cluster.agents[0].dir.join("tls/join.toml").exists());
 }
 
 #[test]
