@@ -28,7 +28,7 @@ use crate::backoff::Backoff;
 use crate::config::{AgentConfig, ImdsMode};
 use crate::identity::{Identity, IdentityError};
 use crate::installer::Installer;
-use crate::join::{JoinError, JoinRequest};
+use crate::join::{JoinError, JoinRequest, PendingJoin};
 use crate::layout::Layout;
 use crate::lock::{LockError, StateDirLock};
 use crate::notify::{Notifier, Startup, StoppingOnDrop};
@@ -98,6 +98,8 @@ async fn join_until_done(
     instance_id: Option<String>,
 ) -> Result<Identity, AgentError> {
     let token = config.join_token.as_ref().ok_or(AgentError::NoJoinToken)?;
+    // One key and request id for every attempt of this join, restarts included.
+    let pending = PendingJoin::load_or_create(&config.tls_dir).map_err(AgentError::Join)?;
     let mut backoff = Backoff::new(config.reconnect_initial, config.reconnect_max);
     loop {
         let request = JoinRequest {
@@ -105,9 +107,10 @@ async fn join_until_done(
             instance_id: instance_id.clone(),
             expected_stack: config.stack.clone(),
         };
-        match join::join(&config.coordinator, token, request).await {
+        match join::join(&config.coordinator, token, request, &pending).await {
             Ok(identity) => {
                 identity.save(&config.tls_dir)?;
+                PendingJoin::remove(&config.tls_dir).map_err(AgentError::Join)?;
                 tracing::info!(instance = %identity.instance_id, stack = %identity.stack, "joined");
                 return Ok(identity);
             }
@@ -229,6 +232,20 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                     error.to_string(),
                     Identity::file(&config.tls_dir).display().to_string(),
                 ));
+            }
+            Err(error) if error.is_duplicate_identity() => {
+                // Not a fault a quick retry fixes: wait the longest reconnect delay, and say why.
+                let delay = config.reconnect_max.mul_f64(0.5 + 0.5 * fastrand::f64());
+                tracing::error!(
+                    error = %error,
+                    retry_in = ?delay,
+                    "duplicate identity: another agent with this instance's identity holds a live session \
+                     (a copied {} or an image baked after joining); this agent stays disconnected. \
+                     Give this host its own identity: stop the agent, remove {}, and join with a new token",
+                    config.tls_dir.display(),
+                    Identity::file(&config.tls_dir).display(),
+                );
+                tokio::time::sleep(delay).await;
             }
             Err(error) => {
                 // A session that lasted a while was healthy: start backing off from the bottom.

@@ -50,6 +50,12 @@ impl SessionError {
     pub fn is_permanent(&self) -> bool {
         matches!(self, SessionError::Status(status) if status.code() == tonic::Code::PermissionDenied)
     }
+
+    /// The coordinator refused the session because another agent with this
+    /// identity holds a live one: two hosts share one identity.
+    pub fn is_duplicate_identity(&self) -> bool {
+        matches!(self, SessionError::Status(status) if status.code() == tonic::Code::AlreadyExists)
+    }
 }
 
 pub async fn dial(coordinator: &str, identity: &Identity) -> Result<Channel, SessionError> {
@@ -160,6 +166,13 @@ pub async fn run_session(
                     Some(CoordinatorBody::DesiredState(state)) => {
                         tracing::info!(epoch = state.epoch, deployment = %state.deployment_id, "desired state received");
                         desired.send_replace(Some(state));
+                    }
+                    Some(CoordinatorBody::Ping(ping)) => {
+                        // A second session for our identity arrived: prove this one alive.
+                        let pong = pb::AgentMessage { body: Some(AgentBody::Pong(pb::Pong { nonce: ping.nonce })) };
+                        if outbound.send(pong).await.is_err() {
+                            return Err(SessionError::Closed);
+                        }
                     }
                     Some(CoordinatorBody::HelloAck(_)) | None => {}
                 },

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SerialNumber,
 };
 use rollwave_trust::{AGENT_SERVER_NAME, Fingerprint, PUBLIC_SERVER_NAME};
 use rustls_pki_types::CertificateDer;
@@ -92,6 +92,9 @@ pub struct SignedCertificate {
     pub pem: String,
     pub fingerprint: Fingerprint,
     pub not_after: OffsetDateTime,
+    /// sha256 of the signed public key (the key of the CSR): the same for
+    /// every certificate of one key, so a repeated join can be recognised.
+    pub public_key: Fingerprint,
 }
 
 pub struct CertificateAuthority {
@@ -294,6 +297,7 @@ impl CertificateAuthority {
             fingerprint: Fingerprint::of_der(certificate.der()),
             pem: certificate.pem(),
             not_after: params.not_after,
+            public_key: Fingerprint::of_der(request.public_key.der_bytes()),
         })
     }
 }

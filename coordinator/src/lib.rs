@@ -7,6 +7,7 @@ pub mod ca;
 pub mod cli;
 pub mod demo;
 pub mod deployer;
+pub mod enrollment;
 pub mod grpc;
 pub mod identity;
 pub mod listener;

@@ -308,6 +308,10 @@ fn tls_faces(
         .with_single_cert(chain, key)
         .map_err(|error| tls_error(&error))?;
     agent.alpn_protocols = vec![rollwave_trust::ALPN_H2.to_vec()];
+    // No resumption on the agent face: a resumed handshake skips the client
+    // verifier, so a certificate revoked since (instance removed) would pass it.
+    agent.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    agent.send_tls13_tickets = 0;
     Ok(TlsFaces {
         public: Arc::new(public),
         agent: Arc::new(agent),

@@ -15,6 +15,7 @@ use sqlx::migrate::{Migration, MigrationType, Migrator};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{Row, SqlSafeStr, SqlitePool};
 
+use crate::enrollment::{self, JoinAttempt, JoinDecision, JoinRefused, PastJoin};
 use crate::model::{
     BundleKind, Event, Instance, InstanceFacts, JoinTokenRecord, ObservedRelease, Release, Stack, Stage,
 };
@@ -39,6 +40,7 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "deployment generation",
         include_str!("../migrations/sqlite/0004_deployment_generation.sql"),
     ),
+    (5, "joins", include_str!("../migrations/sqlite/0005_joins.sql")),
     (
         7,
         "approval kind",
@@ -76,10 +78,8 @@ pub enum StoreError {
     NoSuchDeployment(String),
     #[error("join token {0:?} does not exist")]
     NoSuchToken(String),
-    #[error("join token {id:?} cannot be used: {reason}")]
-    TokenUnusable { id: String, reason: &'static str },
-    #[error("instance {id:?} already belongs to stack {stack:?}")]
-    InstanceInOtherStack { id: String, stack: String },
+    #[error(transparent)]
+    JoinRefused(#[from] JoinRefused),
     #[error("release {bundle}@{version} is not registered; push it with `rollwave release push`")]
     NoSuchRelease { bundle: String, version: String },
     #[error(transparent)]
@@ -105,6 +105,17 @@ pub struct IssuedCertificate {
     pub fingerprint: String,
     pub issued_at_ms: i64,
     pub not_after_ms: i64,
+}
+
+/// A join to carry out: the attempt, its token, and the certificate signed for it.
+#[derive(Debug, Clone)]
+pub struct NewJoin<'a> {
+    pub attempt: &'a JoinAttempt,
+    pub token_id: &'a str,
+    pub facts: &'a InstanceFacts,
+    pub certificate: &'a IssuedCertificate,
+    pub certificate_pem: &'a str,
+    pub now_ms: i64,
 }
 
 /// A certificate that currently identifies an instance.
@@ -289,76 +300,116 @@ impl Store {
 
     // ---- joining and certificates --------------------------------------
 
-    /// Spends one use of `token_id` and records the instance with its first
-    /// certificate, atomically: either all of it happens or none. Of many
-    /// joins racing for the last use, exactly one commits.
-    pub async fn join_instance(
-        &self,
-        token_id: &str,
-        instance_id: &str,
-        stack: &str,
-        facts: &InstanceFacts,
-        certificate: &IssuedCertificate,
-        now_ms: i64,
-    ) -> Result<(), StoreError> {
+    /// Carries out a join following [`enrollment::decide`], in one
+    /// transaction: either the token use, the instance, its first certificate
+    /// and the record of the join all commit, or nothing does. The
+    /// transaction's first statement writes, so concurrent joins queue for
+    /// the write lock and each decides on what the previous one committed: of
+    /// many joins racing for the last use exactly one commits, and a retried
+    /// join sees the join it repeats.
+    ///
+    /// Call it through [`crate::identity::IssuedCertificates::join`], which
+    /// keeps the in-memory copy of the certificates table in step.
+    pub async fn join_instance(&self, join: &NewJoin<'_>) -> Result<JoinDecision, StoreError> {
+        let attempt = join.attempt;
         let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query("UPDATE join_tokens SET uses_left = uses_left WHERE id = $1")
+            .bind(join.token_id)
+            .execute(&mut *tx)
+            .await?;
+        if claimed.rows_affected() != 1 {
+            return Err(StoreError::NoSuchToken(join.token_id.to_owned()));
+        }
+        let token = sqlx::query(
+            "SELECT id, stack, secret_sha256, created_at, expires_at, uses_total, uses_left, revoked \
+             FROM join_tokens WHERE id = $1",
+        )
+        .bind(join.token_id)
+        .fetch_one(&mut *tx)
+        .await?;
+        let token = token_from_row(&token)?;
+        let past = if attempt.request_id.is_empty() {
+            None
+        } else {
+            sqlx::query(
+                "SELECT j.request_id, j.public_key_sha256, j.token_id, i.stack, j.instance_id, j.certificate_pem, j.not_after \
+                 FROM joins j JOIN instances i ON i.id = j.instance_id WHERE j.request_id = $1",
+            )
+            .bind(&attempt.request_id)
+            .fetch_optional(&mut *tx)
+            .await?
+            .map(|row| past_join_from_row(&row))
+            .transpose()?
+        };
+        let existing_stack: Option<String> = sqlx::query_scalar("SELECT stack FROM instances WHERE id = $1")
+            .bind(&attempt.instance_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let decision = enrollment::decide(
+            attempt,
+            past.as_ref(),
+            &token.id,
+            token.status(join.now_ms),
+            existing_stack.as_deref(),
+        )?;
+        if let JoinDecision::Replay(_) = decision {
+            // Nothing to change: dropping the transaction undoes the claim above.
+            return Ok(decision);
+        }
         let spent = sqlx::query(
             "UPDATE join_tokens SET uses_left = uses_left - 1 \
              WHERE id = $1 AND uses_left > 0 AND revoked = FALSE AND expires_at > $2",
         )
-        .bind(token_id)
-        .bind(now_ms)
+        .bind(join.token_id)
+        .bind(join.now_ms)
         .execute(&mut *tx)
         .await?;
         if spent.rows_affected() != 1 {
-            return Err(StoreError::TokenUnusable {
-                id: token_id.to_owned(),
-                reason: "used up, revoked or expired",
-            });
+            return Err(StoreError::Corrupt(format!(
+                "join token {} was active but could not be spent",
+                join.token_id
+            )));
         }
-        let existing: Option<String> = sqlx::query_scalar("SELECT stack FROM instances WHERE id = $1")
-            .bind(instance_id)
-            .fetch_optional(&mut *tx)
+        let facts = join.facts;
+        sqlx::query(
+            "INSERT INTO instances (id, stack, hostname, layer, zone, tags, agent_version, joined_at, last_seen) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
+        )
+        .bind(&attempt.instance_id)
+        .bind(&attempt.stack)
+        .bind(&facts.hostname)
+        .bind(&facts.layer)
+        .bind(&facts.zone)
+        .bind(tags_to_json(&facts.tags))
+        .bind(&facts.agent_version)
+        .bind(join.now_ms)
+        .execute(&mut *tx)
+        .await?;
+        insert_certificate(&mut tx, &attempt.instance_id, join.certificate).await?;
+        if !attempt.request_id.is_empty() {
+            sqlx::query(
+                "INSERT INTO joins (request_id, public_key_sha256, token_id, instance_id, certificate_pem, not_after, joined_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(&attempt.request_id)
+            .bind(&attempt.public_key_sha256)
+            .bind(join.token_id)
+            .bind(&attempt.instance_id)
+            .bind(join.certificate_pem)
+            .bind(join.certificate.not_after_ms)
+            .bind(join.now_ms)
+            .execute(&mut *tx)
             .await?;
-        match existing {
-            Some(existing_stack) if existing_stack != stack => {
-                return Err(StoreError::InstanceInOtherStack {
-                    id: instance_id.to_owned(),
-                    stack: existing_stack,
-                });
-            }
-            Some(_) => {
-                // A re-join (the host was rebuilt): its old certificates stop working.
-                sqlx::query("DELETE FROM certificates WHERE instance_id = $1")
-                    .bind(instance_id)
-                    .execute(&mut *tx)
-                    .await?;
-                update_facts(&mut tx, instance_id, facts, now_ms).await?;
-            }
-            None => {
-                sqlx::query(
-                    "INSERT INTO instances (id, stack, hostname, layer, zone, tags, agent_version, joined_at, last_seen) \
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $8)",
-                )
-                .bind(instance_id)
-                .bind(stack)
-                .bind(&facts.hostname)
-                .bind(&facts.layer)
-                .bind(&facts.zone)
-                .bind(tags_to_json(&facts.tags))
-                .bind(&facts.agent_version)
-                .bind(now_ms)
-                .execute(&mut *tx)
-                .await?;
-            }
         }
-        insert_certificate(&mut tx, instance_id, certificate).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(decision)
     }
 
     /// Records a renewed certificate. The old one keeps working until it
     /// expires, so a renewal lost on the way back does not lock the agent out.
+    /// Fails if the instance was removed meanwhile (the foreign key).
+    ///
+    /// Call it through [`crate::identity::IssuedCertificates::renew`].
     pub async fn add_certificate(&self, instance_id: &str, certificate: &IssuedCertificate) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         insert_certificate(&mut tx, instance_id, certificate).await?;
@@ -375,15 +426,16 @@ impl Store {
         let rows = sqlx::query("SELECT fingerprint, instance_id, not_after FROM certificates")
             .fetch_all(&self.pool)
             .await?;
-        rows.iter()
-            .map(|row| {
-                Ok(CertificateRecord {
-                    fingerprint: row.try_get("fingerprint")?,
-                    instance_id: row.try_get("instance_id")?,
-                    not_after_ms: row.try_get("not_after")?,
-                })
-            })
-            .collect()
+        rows.iter().map(certificate_from_row).collect()
+    }
+
+    /// The certificates that identify `instance_id` now.
+    pub async fn certificates_of(&self, instance_id: &str) -> Result<Vec<CertificateRecord>, StoreError> {
+        let rows = sqlx::query("SELECT fingerprint, instance_id, not_after FROM certificates WHERE instance_id = $1")
+            .bind(instance_id)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(certificate_from_row).collect()
     }
 
     // ---- instances ----------------------------------------------------
@@ -408,7 +460,9 @@ impl Store {
         instance_from_row(&row)
     }
 
-    /// Forgets an instance and every certificate it was issued.
+    /// Forgets an instance, every certificate it was issued and its joins.
+    ///
+    /// Call it through [`crate::identity::IssuedCertificates::remove_instance`].
     pub async fn remove_instance(&self, id: &str) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("DELETE FROM certificates WHERE instance_id = $1")
@@ -713,6 +767,26 @@ fn stack_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Stack, StoreError> {
     })
 }
 
+fn certificate_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<CertificateRecord, StoreError> {
+    Ok(CertificateRecord {
+        fingerprint: row.try_get("fingerprint")?,
+        instance_id: row.try_get("instance_id")?,
+        not_after_ms: row.try_get("not_after")?,
+    })
+}
+
+fn past_join_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<PastJoin, StoreError> {
+    Ok(PastJoin {
+        request_id: row.try_get("request_id")?,
+        public_key_sha256: row.try_get("public_key_sha256")?,
+        token_id: row.try_get("token_id")?,
+        stack: row.try_get("stack")?,
+        instance_id: row.try_get("instance_id")?,
+        certificate_pem: row.try_get("certificate_pem")?,
+        not_after_ms: row.try_get("not_after")?,
+    })
+}
+
 fn token_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<JoinTokenRecord, StoreError> {
     let uses_total: i64 = row.try_get("uses_total")?;
     let uses_left: i64 = row.try_get("uses_left")?;
@@ -751,7 +825,7 @@ fn instance_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<Instance, StoreErr
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     async fn open() -> (tempfile::TempDir, Store) {
@@ -818,23 +892,58 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_single_use_token_joins_once() {
-        let (_dir, store) = open().await;
+    /// Joins `instance_id` with token `tok1` as the joiner (`request_id`, `key`).
+    pub(crate) async fn join(
+        store: &Store,
+        request_id: &str,
+        key: &str,
+        instance_id: &str,
+        fingerprint: &str,
+        now_ms: i64,
+    ) -> Result<JoinDecision, StoreError> {
+        let attempt = JoinAttempt {
+            request_id: request_id.into(),
+            public_key_sha256: key.into(),
+            stack: "web".into(),
+            instance_id: instance_id.into(),
+        };
+        store
+            .join_instance(&NewJoin {
+                attempt: &attempt,
+                token_id: "tok1",
+                facts: &InstanceFacts::default(),
+                certificate: &certificate(fingerprint),
+                certificate_pem: &format!("PEM {fingerprint}"),
+                now_ms,
+            })
+            .await
+    }
+
+    pub(crate) async fn open_with_token(uses: u32) -> (tempfile::TempDir, Store) {
+        let (dir, store) = open().await;
         store.create_stack("web", Stage::Dev, 1).await.expect("stack");
         store
-            .create_token(&token("web", 1, 1_000), "admin")
+            .create_token(&token("web", uses, 1_000), "admin")
             .await
             .expect("token");
-        let facts = InstanceFacts::default();
-        store
-            .join_instance("tok1", "i-1", "web", &facts, &certificate("aa"), 5)
-            .await
-            .expect("first join");
-        let second = store
-            .join_instance("tok1", "i-2", "web", &facts, &certificate("bb"), 5)
-            .await;
-        assert!(matches!(second, Err(StoreError::TokenUnusable { .. })), "{second:?}");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn a_single_use_token_joins_once() {
+        let (_dir, store) = open_with_token(1).await;
+        join(&store, "r1", "k1", "i-1", "aa", 5).await.expect("first join");
+        let second = join(&store, "r2", "k2", "i-2", "bb", 5).await;
+        assert!(
+            matches!(
+                second,
+                Err(StoreError::JoinRefused(JoinRefused::Token {
+                    status: crate::model::TokenStatus::Used,
+                    ..
+                }))
+            ),
+            "{second:?}"
+        );
         let instances = store.list_instances(None).await.expect("list");
         assert_eq!(instances.len(), 1);
         assert_eq!(instances[0].id, "i-1");
@@ -843,28 +952,106 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_join_whose_reply_was_lost_is_answered_again_without_spending_the_token() {
+        let (_dir, store) = open_with_token(1).await;
+        let first = join(&store, "r1", "k1", "i-1", "aa", 5).await.expect("first join");
+        assert_eq!(first, JoinDecision::Create);
+        // The agent never saw the answer and asks again: same request id and key,
+        // a fresh random instance id and certificate that must not be used.
+        let again = join(&store, "r1", "k1", "i-other", "bb", 6).await.expect("repeat");
+        let JoinDecision::Replay(past) = again else {
+            panic!("expected a replay, got {again:?}")
+        };
+        assert_eq!(
+            (past.instance_id.as_str(), past.certificate_pem.as_str()),
+            ("i-1", "PEM aa")
+        );
+        let fingerprints: Vec<String> = store
+            .list_certificates()
+            .await
+            .expect("certs")
+            .into_iter()
+            .map(|record| record.fingerprint)
+            .collect();
+        assert_eq!(fingerprints, ["aa"], "the repeat recorded nothing");
+        assert_eq!(store.list_instances(None).await.expect("list").len(), 1);
+        // Another joiner with the spent token is refused as before.
+        let other = join(&store, "r2", "k2", "i-2", "cc", 7).await;
+        assert!(
+            matches!(other, Err(StoreError::JoinRefused(JoinRefused::Token { .. }))),
+            "{other:?}"
+        );
+        // The request id with another key belongs to someone else.
+        let thief = join(&store, "r1", "k-thief", "i-3", "dd", 8).await;
+        assert!(
+            matches!(thief, Err(StoreError::JoinRefused(JoinRefused::RequestIdReused { .. }))),
+            "{thief:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn racing_repeats_of_one_join_all_get_its_answer() {
+        let (_dir, store) = open_with_token(1).await;
+        let (first, second, third) = tokio::join!(
+            join(&store, "r1", "k1", "i-a", "aa", 5),
+            join(&store, "r1", "k1", "i-b", "bb", 5),
+            join(&store, "r1", "k1", "i-c", "cc", 5),
+        );
+        let outcomes = [first, second, third].map(|outcome| outcome.expect("every repeat is answered"));
+        let created = outcomes
+            .iter()
+            .filter(|outcome| **outcome == JoinDecision::Create)
+            .count();
+        assert_eq!(created, 1, "{outcomes:?}");
+        assert_eq!(store.list_instances(None).await.expect("list").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_join_for_an_existing_instance_is_refused_and_changes_nothing() {
+        let (_dir, store) = open_with_token(2).await;
+        join(&store, "r1", "k1", "i-1", "aa", 5).await.expect("first join");
+        let hijack = join(&store, "r2", "k2", "i-1", "bb", 6).await;
+        assert!(
+            matches!(hijack, Err(StoreError::JoinRefused(JoinRefused::InstanceExists { .. }))),
+            "{hijack:?}"
+        );
+        let certificates = store.list_certificates().await.expect("certs");
+        assert_eq!(certificates.len(), 1);
+        assert_eq!(certificates[0].fingerprint, "aa", "the holder keeps its certificate");
+        assert_eq!(
+            store.get_token("tok1").await.expect("token").uses_left,
+            1,
+            "no use spent"
+        );
+        // Once the operator removed it, the instance id can join again.
+        store.remove_instance("i-1").await.expect("remove");
+        join(&store, "r2", "k2", "i-1", "bb", 7)
+            .await
+            .expect("join after removal");
+    }
+
+    #[tokio::test]
     async fn an_expired_token_does_not_join() {
         let (_dir, store) = open().await;
         store.create_stack("web", Stage::Dev, 1).await.expect("stack");
         store.create_token(&token("web", 1, 100), "admin").await.expect("token");
-        let result = store
-            .join_instance("tok1", "i-1", "web", &InstanceFacts::default(), &certificate("aa"), 100)
-            .await;
-        assert!(matches!(result, Err(StoreError::TokenUnusable { .. })), "{result:?}");
+        let result = join(&store, "r1", "k1", "i-1", "aa", 100).await;
+        assert!(
+            matches!(
+                result,
+                Err(StoreError::JoinRefused(JoinRefused::Token {
+                    status: crate::model::TokenStatus::Expired,
+                    ..
+                }))
+            ),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
     async fn removing_an_instance_removes_its_certificates() {
-        let (_dir, store) = open().await;
-        store.create_stack("web", Stage::Dev, 1).await.expect("stack");
-        store
-            .create_token(&token("web", 2, 1_000), "admin")
-            .await
-            .expect("token");
-        store
-            .join_instance("tok1", "i-1", "web", &InstanceFacts::default(), &certificate("aa"), 5)
-            .await
-            .expect("join");
+        let (_dir, store) = open_with_token(2).await;
+        join(&store, "r1", "k1", "i-1", "aa", 5).await.expect("join");
         store.remove_instance("i-1").await.expect("remove");
         assert!(store.list_certificates().await.expect("certs").is_empty());
         assert!(matches!(

@@ -4,6 +4,7 @@
 mod demo;
 mod deployments;
 mod hosts;
+mod identity;
 mod install;
 mod joining;
 mod limits;

@@ -21,7 +21,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00
 
 /// Whether the server speaks HTTP/2 to us over TLS with `config` under `name`:
 /// true only if the handshake is accepted and the server sends frames.
-async fn server_answers(addr: SocketAddr, config: Arc<rustls::ClientConfig>, name: &'static str) -> bool {
+pub(crate) async fn server_answers(addr: SocketAddr, config: Arc<rustls::ClientConfig>, name: &'static str) -> bool {
     let attempt = async {
         let tcp = TcpStream::connect(addr).await.ok()?;
         let server_name = rustls_pki_types::ServerName::try_from(name).ok()?;

@@ -357,8 +357,26 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(parent: &Path, spec: AgentSpec) -> Self {
+        Self::start_with_tls(parent, spec, None)
+    }
+
+    /// Starts a second host holding a copy of `holder`'s TLS dir (its identity):
+    /// an image baked after joining, say. Its own state dir, config and hostname.
+    pub fn start_with_identity_of(parent: &Path, spec: AgentSpec, holder: &Agent) -> Self {
+        Self::start_with_tls(parent, spec, Some(&holder.dir.join("tls")))
+    }
+
+    fn start_with_tls(parent: &Path, spec: AgentSpec, tls_from: Option<&Path>) -> Self {
         let dir = parent.join(&spec.name);
         std::fs::create_dir_all(&dir).expect("agent dir");
+        if let Some(source) = tls_from {
+            let tls = dir.join("tls");
+            std::fs::create_dir_all(&tls).expect("tls dir");
+            for entry in std::fs::read_dir(source).expect("read holder's tls dir") {
+                let entry = entry.expect("tls dir entry");
+                std::fs::copy(entry.path(), tls.join(entry.file_name())).expect("copy identity");
+            }
+        }
         let stack_line = spec
             .stack
             .as_ref()
@@ -407,6 +425,12 @@ impl Agent {
 
     pub fn kill(&mut self) {
         self.process.kill();
+    }
+
+    /// Sends `signal` (SIGSTOP, SIGCONT, ...) to the agent process.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = i32::try_from(self.process.pid()).expect("pid fits i32");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), signal).expect("signal the agent");
     }
 
     pub fn restart(&mut self) {

@@ -1390,6 +1390,16 @@ fn render_status(status: &StackStatusView, all: bool, now: SystemTime) -> String
     }
 
     let mut out = format!("stack {}\n", status.stack);
+    if !status.duplicate_identity.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nduplicate identity ({}):",
+            count_of(status.duplicate_identity.len(), "instance", "instances")
+        );
+        for line in &status.duplicate_identity {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     if status.bundles.is_empty() {
         out.push_str("no bundle is approved or running yet\n");
         return out;
@@ -2012,6 +2022,7 @@ mod tests {
             out_of_service: vec![
                 "i-3: left drained: the switch back failed (application_start exited 1) (deployment d-1)".into(),
             ],
+            duplicate_identity: Vec::new(),
             bundles: vec![
                 BundleStatusView {
                     bundle: "site".into(),
@@ -2051,5 +2062,26 @@ mod tests {
               i-3: left drained: the switch back failed (application_start exited 1) (deployment d-1)
         "#]]
         .assert_eq(&render_status(&status, false, now));
+    }
+
+    #[test]
+    fn status_shows_a_duplicate_identity_before_anything_else() {
+        let status = StackStatusView {
+            stack: "web".into(),
+            out_of_service: Vec::new(),
+            duplicate_identity: vec![
+                "i-1: another live session holds this identity; 2 sessions from 10.0.0.9:4000 refused (last 3s ago)"
+                    .into(),
+            ],
+            bundles: Vec::new(),
+        };
+        expect![[r#"
+            stack web
+
+            duplicate identity (1 instance):
+              i-1: another live session holds this identity; 2 sessions from 10.0.0.9:4000 refused (last 3s ago)
+            no bundle is approved or running yet
+        "#]]
+        .assert_eq(&render_status(&status, false, SystemTime::UNIX_EPOCH));
     }
 }

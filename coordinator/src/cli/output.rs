@@ -464,6 +464,8 @@ pub struct StackStatusView {
     pub bundles: Vec<BundleStatusView>,
     /// Instances deployments took out of the load balancer and have not returned, as "instance: why".
     pub out_of_service: Vec<String>,
+    /// Instances whose identity a second host tried to use while their session was alive, as "instance: what".
+    pub duplicate_identity: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -540,6 +542,7 @@ impl From<pb::StackStatus> for StackStatusView {
                 })
                 .collect(),
             out_of_service: status.out_of_service,
+            duplicate_identity: status.duplicate_identity,
         }
     }
 }

@@ -16,9 +16,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::{ServiceError, Shared, random_hex, secret_hash};
 use crate::ca::SignedCertificate;
-use crate::model::{InstanceFacts, ObservedRelease, TokenStatus, unix_ms, validate_name};
-use crate::sessions::Outbound;
-use crate::store::{IssuedCertificate, StoreError};
+use crate::enrollment::{JoinAttempt, JoinDecision};
+use crate::model::{InstanceFacts, ObservedRelease, unix_ms, validate_name};
+use crate::sessions::{Admission, Outbound, PROBE_TIMEOUT};
+use crate::store::{IssuedCertificate, NewJoin, StoreError};
 
 /// Pushes queued for one agent before the session counts as stuck.
 const OUTBOUND_QUEUE: usize = 32;
@@ -94,16 +95,6 @@ impl AgentApi {
                 .await;
             return Err(refused());
         }
-        let now = SystemTime::now();
-        let status = token.status(unix_ms(now));
-        if status != TokenStatus::Active {
-            return Err(ServiceError::PermissionDenied(format!(
-                "join token {} is {}; create a new one with `rollwave token create --stack {}`",
-                token.id,
-                status.as_str(),
-                token.stack
-            )));
-        }
         if !request.expected_stack.is_empty() && request.expected_stack != token.stack {
             return Err(ServiceError::PermissionDenied(format!(
                 "join token {} is for stack {:?}, but this instance is configured for stack {:?}",
@@ -116,12 +107,51 @@ impl AgentApi {
             validate_name("instance id", &request.requested_instance_id)?;
             request.requested_instance_id
         };
+        if request.request_id.len() > MAX_FACT_LEN {
+            return Err(ServiceError::BadRequest(format!(
+                "join request id too long: at most {MAX_FACT_LEN} bytes"
+            )));
+        }
+        let now = SystemTime::now();
         let (signed, issued) = self.sign(&request.csr_pem, &instance_id, now)?;
-        shared
-            .store
-            .join_instance(&token.id, &instance_id, &token.stack, &facts, &issued, unix_ms(now))
-            .await?;
-        shared.issued.insert(signed.fingerprint, &instance_id);
+        let attempt = JoinAttempt {
+            request_id: request.request_id,
+            public_key_sha256: signed.public_key.to_string(),
+            stack: token.stack.clone(),
+            instance_id,
+        };
+        let join = NewJoin {
+            attempt: &attempt,
+            token_id: &token.id,
+            facts: &facts,
+            certificate: &issued,
+            certificate_pem: &signed.pem,
+            now_ms: unix_ms(now),
+        };
+        let outcome = match shared.issued.join(&shared.store, &join).await {
+            Ok(decision) => Ok(decision),
+            Err(StoreError::JoinRefused(refused)) => Err(refused),
+            Err(error) => return Err(error.into()),
+        };
+        let (instance_id, certificate_pem, not_after_ms) = match outcome {
+            Ok(JoinDecision::Create) => (attempt.instance_id, signed.pem, issued.not_after_ms),
+            Ok(JoinDecision::Replay(past)) => {
+                tracing::info!(instance = %past.instance_id, request = %past.request_id, "join repeated; answered as before");
+                (past.instance_id, past.certificate_pem, past.not_after_ms)
+            }
+            Err(refused) => {
+                shared
+                    .audit(
+                        "agent",
+                        "instance.join",
+                        &attempt.instance_id,
+                        "denied",
+                        format!("token {}: {refused}", token.id),
+                    )
+                    .await;
+                return Err(StoreError::JoinRefused(refused).into());
+            }
+        };
         shared
             .audit(
                 &format!("instance:{instance_id}"),
@@ -135,17 +165,16 @@ impl AgentApi {
         Ok(pb::JoinResponse {
             instance_id,
             stack: token.stack,
-            certificate_pem: signed.pem,
+            certificate_pem,
             ca_pem: shared.ca.certificate_pem().to_owned(),
-            not_after_unix_ms: issued.not_after_ms,
+            not_after_unix_ms: not_after_ms,
         })
     }
 
     async fn renew(&self, instance_id: &str, request: pb::RenewRequest) -> Result<pb::RenewResponse, ServiceError> {
         let shared = &self.shared;
         let (signed, issued) = self.sign(&request.csr_pem, instance_id, SystemTime::now())?;
-        shared.store.add_certificate(instance_id, &issued).await?;
-        shared.issued.insert(signed.fingerprint, instance_id);
+        shared.issued.renew(&shared.store, instance_id, &issued).await?;
         tracing::info!(instance = %instance_id, "certificate renewed");
         Ok(pb::RenewResponse {
             certificate_pem: signed.pem,
@@ -157,6 +186,7 @@ impl AgentApi {
     async fn open_session(
         &self,
         instance_id: &str,
+        peer: &str,
         inbound: &mut Streaming<pb::AgentMessage>,
     ) -> Result<(Outbound, mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>, u64), Status> {
         let shared = &self.shared;
@@ -200,11 +230,6 @@ impl AgentApi {
                 state: release.state,
             })
             .collect();
-        shared
-            .store
-            .record_hello(instance_id, &facts, &observed, unix_ms(SystemTime::now()))
-            .await
-            .map_err(|error| Status::from(ServiceError::from(error)))?;
         let instance = shared
             .store
             .get_instance(instance_id)
@@ -221,8 +246,51 @@ impl AgentApi {
                 body: Some(CoordinatorBody::HelloAck(ack)),
             }))
             .expect("a fresh queue has room for the acknowledgement");
-        let session_id = shared.sessions.open(instance_id, sender.clone());
+        // Before anything of this hello is stored: a duplicate must not overwrite what the live holder said.
+        let session_id = match shared.sessions.admit(instance_id, sender.clone(), PROBE_TIMEOUT).await {
+            Admission::Opened { session_id, replaced } => {
+                if replaced {
+                    tracing::info!(instance = %instance_id, %peer, "the previous session did not answer a ping; replaced it");
+                }
+                session_id
+            }
+            Admission::Duplicate => return Err(self.refuse_duplicate(instance_id, peer).await),
+        };
+        let recorded = shared
+            .store
+            .record_hello(instance_id, &facts, &observed, unix_ms(SystemTime::now()))
+            .await;
+        if let Err(error) = recorded {
+            shared.sessions.close(instance_id, session_id);
+            return Err(ServiceError::from(error).into());
+        }
         Ok((sender, receiver, session_id))
+    }
+
+    /// Records a refused duplicate (audited once per streak) and says why to its agent.
+    async fn refuse_duplicate(&self, instance_id: &str, peer: &str) -> Status {
+        let shared = &self.shared;
+        let now = unix_ms(SystemTime::now());
+        let detail = format!(
+            "another live session holds this identity; refused a second session from {peer}: \
+             two hosts share one identity (a copied TLS dir, an image baked after joining)"
+        );
+        tracing::warn!(instance = %instance_id, %peer, "{detail}");
+        if shared.sessions.note_duplicate(instance_id, peer, now) {
+            shared
+                .audit(
+                    &format!("instance:{instance_id}"),
+                    "session.open",
+                    instance_id,
+                    "denied",
+                    format!("duplicate identity: {detail}"),
+                )
+                .await;
+        }
+        Status::already_exists(format!(
+            "another live session holds this identity (instance {instance_id}); this host must not use it: \
+             stop this agent, remove its tls_dir/identity.toml and join with a new token"
+        ))
     }
 }
 
@@ -235,6 +303,10 @@ async fn serve_session(
     outbound: Outbound,
 ) {
     while let Some(message) = inbound.next().await {
+        // A replaced or evicted session speaks for the instance no more.
+        if !shared.sessions.is_current(&instance_id, session_id) {
+            break;
+        }
         let body = match message {
             Ok(pb::AgentMessage { body: Some(body) }) => body,
             Ok(pb::AgentMessage { body: None }) => continue,
@@ -284,6 +356,9 @@ async fn serve_session(
             }
             AgentBody::HookOutput(_) => {
                 tracing::debug!(instance = %instance_id, "hook output received");
+            }
+            AgentBody::Pong(pong) => {
+                shared.sessions.answer_probe(&instance_id, session_id, pong.nonce);
             }
         }
     }
@@ -336,8 +411,11 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let instance_id = self.caller(&request)?;
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "an unknown address".to_owned(), |addr| addr.to_string());
         let mut inbound = request.into_inner();
-        let (outbound, receiver, session_id) = self.open_session(&instance_id, &mut inbound).await?;
+        let (outbound, receiver, session_id) = self.open_session(&instance_id, &peer, &mut inbound).await?;
         tracing::info!(instance = %instance_id, "session opened");
         // The instance's wish (approved releases for a new one) goes out first,
         // then deployments of its stack take it on if it is new to them.

@@ -416,10 +416,25 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
         });
     }
     let out_of_service = shared.deployer.out_of_service(shared, stack).await?;
+    let duplicate_identity = instances
+        .iter()
+        .filter_map(|instance| {
+            let seen = shared.sessions.duplicate(&instance.id, now)?;
+            Some(format!(
+                "{}: another live session holds this identity; {} from {} refused (last {}s ago): \
+                 two hosts share it; give the other host its own identity (remove its tls_dir/identity.toml, join with a new token)",
+                instance.id,
+                if seen.refusals == 1 { "1 session".to_owned() } else { format!("{} sessions", seen.refusals) },
+                seen.peer,
+                now.saturating_sub(seen.last_refused_ms) / 1000,
+            ))
+        })
+        .collect();
     Ok(pb::StackStatus {
         stack: stack.to_owned(),
         bundles: statuses,
         out_of_service,
+        duplicate_identity,
     })
 }
 

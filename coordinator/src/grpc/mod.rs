@@ -14,6 +14,7 @@ use tonic::Status;
 
 use crate::ca::{CaError, CertificateAuthority};
 use crate::deployer::Deployer;
+use crate::enrollment::JoinRefused;
 use crate::identity::IssuedCertificates;
 use crate::model::{Event, InvalidInput, unix_ms};
 use crate::presence::PresencePolicy;
@@ -88,8 +89,12 @@ impl From<ServiceError> for Status {
                 StoreError::NoSuchStack(_) | StoreError::NoSuchInstance(_) | StoreError::NoSuchToken(_),
             ) => Status::not_found(message),
             ServiceError::Store(StoreError::StackExists(_)) => Status::already_exists(message),
-            ServiceError::Store(StoreError::TokenUnusable { .. }) => Status::permission_denied(message),
-            ServiceError::Store(StoreError::InstanceInOtherStack { .. }) => Status::failed_precondition(message),
+            ServiceError::Store(StoreError::JoinRefused(refused)) => match refused {
+                JoinRefused::Token { .. } => Status::permission_denied(message),
+                JoinRefused::InstanceExists { .. } | JoinRefused::RequestIdReused { .. } => {
+                    Status::failed_precondition(message)
+                }
+            },
             ServiceError::Store(StoreError::NoSuchRelease { .. }) => Status::not_found(message),
             // Another writer changed the deployment first: gRPC's code for a lost concurrency race.
             ServiceError::Store(StoreError::StaleDeployment { .. }) => Status::aborted(message),

@@ -268,9 +268,12 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
         let actor = operator_of(&request);
         let id = request.into_inner().id;
         let shared = &self.shared;
-        shared.store.remove_instance(&id).await.map_err(ServiceError::from)?;
-        // Forget the certificate before ending the session, so a reconnect fails its handshake.
-        shared.issued.remove_instance(&id);
+        // Forget the certificates (store and memory) before ending the session, so a reconnect fails its handshake.
+        shared
+            .issued
+            .remove_instance(&shared.store, &id)
+            .await
+            .map_err(ServiceError::from)?;
         shared.sessions.evict(
             &id,
             Status::permission_denied("this instance was removed by an operator"),
