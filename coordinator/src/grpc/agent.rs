@@ -9,18 +9,18 @@ use rollwave_proto::v1::agent_message::Body as AgentBody;
 use rollwave_proto::v1::coordinator_message::Body as CoordinatorBody;
 use rollwave_trust::Fingerprint;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ServiceError, Shared, random_hex, secret_hash};
 use crate::ca::SignedCertificate;
 use crate::model::{InstanceFacts, ObservedRelease, TokenStatus, unix_ms, validate_name};
-use crate::sessions::Outbound;
+use crate::sessions::{Outbound, SessionStream, session_stream};
 use crate::store::{IssuedCertificate, StoreError};
 
-/// Pushes queued for one agent before the session counts as stuck.
+/// Acknowledgements queued for one agent before the session counts as stuck
+/// (desired states do not queue: each session has a slot for the newest one).
 const OUTBOUND_QUEUE: usize = 32;
 /// Tags an agent may declare, and their sizes: facts are for display.
 const MAX_TAGS: usize = 64;
@@ -158,7 +158,7 @@ impl AgentApi {
         &self,
         instance_id: &str,
         inbound: &mut Streaming<pb::AgentMessage>,
-    ) -> Result<(Outbound, mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>, u64), Status> {
+    ) -> Result<(Outbound, SessionStream, u64), Status> {
         let shared = &self.shared;
         let first = tokio::time::timeout(shared.settings.hello_timeout, inbound.next())
             .await
@@ -216,13 +216,16 @@ impl AgentApi {
             heartbeat_interval_ms: u32::try_from(shared.settings.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
         };
         let (sender, receiver) = mpsc::channel(OUTBOUND_QUEUE);
-        sender
-            .try_send(Ok(pb::CoordinatorMessage {
-                body: Some(CoordinatorBody::HelloAck(ack)),
-            }))
-            .expect("a fresh queue has room for the acknowledgement");
-        let session_id = shared.sessions.open(instance_id, sender.clone());
-        Ok((sender, receiver, session_id))
+        let (desired, desired_receiver) = watch::channel(None);
+        let hello_ack = pb::CoordinatorMessage {
+            body: Some(CoordinatorBody::HelloAck(ack)),
+        };
+        let session_id = shared.sessions.open(instance_id, sender.clone(), desired);
+        Ok((
+            sender,
+            session_stream(hello_ack, receiver, desired_receiver),
+            session_id,
+        ))
     }
 }
 
@@ -329,7 +332,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         ))
     }
 
-    type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+    type SessionStream = SessionStream;
 
     async fn session(
         &self,
@@ -337,7 +340,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
     ) -> Result<Response<Self::SessionStream>, Status> {
         let instance_id = self.caller(&request)?;
         let mut inbound = request.into_inner();
-        let (outbound, receiver, session_id) = self.open_session(&instance_id, &mut inbound).await?;
+        let (outbound, stream, session_id) = self.open_session(&instance_id, &mut inbound).await?;
         tracing::info!(instance = %instance_id, "session opened");
         // The instance's wish (approved releases for a new one) goes out first,
         // then deployments of its stack take it on if it is new to them.
@@ -359,6 +362,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
             inbound,
             outbound,
         ));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(stream))
     }
 }
