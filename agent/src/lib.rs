@@ -171,7 +171,12 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         notify::READY_FALLBACK,
     )));
     // Finish or roll back installs a killed agent left behind before anything else.
-    let s3 = rollwave_artifacts::client(&config.s3).await;
+    // With `imds = "off"` nothing may ask the metadata service, the S3 client's chains included.
+    let metadata = match config.imds {
+        ImdsMode::Auto => rollwave_artifacts::InstanceMetadata::Allowed,
+        ImdsMode::Off => rollwave_artifacts::InstanceMetadata::Forbidden,
+    };
+    let s3 = rollwave_artifacts::client(&config.s3, metadata).await;
     let installer = Installer::new(Layout::new(&config.state_dir), config.install.clone(), Some(s3));
     if let Err(error) = installer.recover_all().await {
         tracing::warn!(%error, "cannot recover interrupted installs");

@@ -6,6 +6,7 @@ mod deployments;
 mod hosts;
 mod install;
 mod joining;
+mod metadata;
 mod packaging;
 mod releases;
 mod restart;
