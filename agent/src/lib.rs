@@ -177,7 +177,10 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         ImdsMode::Off => rollwave_artifacts::InstanceMetadata::Forbidden,
     };
     let s3 = rollwave_artifacts::client(&config.s3, metadata).await;
-    let installer = Installer::new(Layout::new(&config.state_dir), config.install.clone(), Some(s3));
+    // What the installer repairs on its own (damaged journal, broken `current`) goes to the coordinator.
+    let (repairs, repair_queue) = tokio::sync::mpsc::unbounded_channel();
+    let installer =
+        Installer::new(Layout::new(&config.state_dir), config.install.clone(), Some(s3)).with_repairs(repairs);
     if let Err(error) = installer.recover_all().await {
         tracing::warn!(%error, "cannot recover interrupted installs");
     }
@@ -192,6 +195,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // Desired state in from the session, reports out to it; both outlive any one session.
     let (desired, desired_receiver) = tokio::sync::watch::channel(None);
     let (reports, mut report_queue) = tokio::sync::mpsc::channel(REPORT_QUEUE);
+    let _repairs = AbortOnDrop(tokio::spawn(reconcile::report_repairs(repair_queue, reports.clone())));
     let (handled, handled_receiver) = tokio::sync::watch::channel(0);
     let _reconciler = AbortOnDrop(tokio::spawn(reconcile::run(
         installer.clone(),

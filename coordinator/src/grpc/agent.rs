@@ -266,6 +266,19 @@ async fn serve_session(
             AgentBody::Hello(_) => {
                 tracing::warn!(instance = %instance_id, "second hello in one session ignored");
             }
+            // Damage the agent repaired on its own (see the agent's `reconcile::REPAIR_STEP`).
+            AgentBody::Progress(event) if event.step == "repair" => {
+                tracing::warn!(instance = %instance_id, bundle = %event.bundle, message = %event.message, "agent repaired damage");
+                shared
+                    .audit(
+                        &format!("instance:{instance_id}"),
+                        "instance.repair",
+                        &instance_id,
+                        "ok",
+                        format!("{}: {}", event.bundle, event.message),
+                    )
+                    .await;
+            }
             AgentBody::Progress(event) => {
                 tracing::info!(
                     instance = %instance_id, bundle = %event.bundle, version = %event.version,
