@@ -3,6 +3,7 @@
 //! pipe (so a hook that leaves a background process holding stdout cannot
 //! hang the agent), and only the tail of that output kept for the report.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -14,6 +15,10 @@ use tokio::process::Command;
 
 /// Bytes of hook output kept for the report: the end, where the error usually is.
 pub const OUTPUT_TAIL: u64 = 16 * 1024;
+/// Hook output logs: owner and group only, since hooks may print secrets.
+const LOG_MODE: u32 = 0o640;
+/// Directories created for hook logs: not listable by others.
+const LOG_DIR_MODE: u32 = 0o750;
 
 /// One hook to run.
 #[derive(Debug, Clone)]
@@ -90,13 +95,7 @@ pub async fn run_hook(hook: &HookRun) -> Result<HookOutcome, HookError> {
 /// Runs `hook`, telling `on_started` its process group id once it runs (so the
 /// caller can journal it and kill a group a crashed agent left behind).
 pub async fn run_hook_with(hook: &HookRun, on_started: impl FnOnce(i32)) -> Result<HookOutcome, HookError> {
-    if let Some(parent) = hook.log.parent() {
-        std::fs::create_dir_all(parent).map_err(|source| HookError::Log {
-            path: hook.log.clone(),
-            source,
-        })?;
-    }
-    let log = std::fs::File::create(&hook.log).map_err(|source| HookError::Log {
+    let log = create_log(&hook.log).map_err(|source| HookError::Log {
         path: hook.log.clone(),
         source,
     })?;
@@ -159,6 +158,26 @@ pub async fn run_hook_with(hook: &HookRun, on_started: impl FnOnce(i32)) -> Resu
     })
 }
 
+/// Opens `path` for a hook's output, empty, readable by owner and group only
+/// (hooks may print secrets); directories it creates are closed to others too.
+fn create_log(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(parent) = path.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(LOG_DIR_MODE)
+            .create(parent)?;
+    }
+    let log = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(LOG_MODE)
+        .open(path)?;
+    // `mode` applies only to a new file: a log an older agent left keeps its mode otherwise.
+    log.set_permissions(std::fs::Permissions::from_mode(LOG_MODE))?;
+    Ok(log)
+}
+
 /// The parts of the agent's environment a hook may rely on.
 fn inherited_environment() -> Vec<(String, String)> {
     const KEEP: [&str; 5] = ["PATH", "LANG", "LC_ALL", "TZ", "HOME"];
@@ -197,7 +216,6 @@ pub fn read_tail(path: &Path, limit: u64) -> String {
 
 #[cfg(test)]
 mod tests {
-    use std::os::unix::fs::PermissionsExt;
     use std::time::Instant;
 
     use super::*;
@@ -354,6 +372,23 @@ mod tests {
                 .contains(&format!("uid={} home={}", nobody.uid, nobody.dir.display())),
             "{outcome:?}"
         );
+    }
+
+    /// The field trial found hook output logs at 0644: any local user could read what a
+    /// hook printed, secrets included.
+    #[test]
+    fn hook_output_logs_are_readable_by_owner_and_group_only() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mode = |path: &Path| std::fs::metadata(path).expect("stat").permissions().mode() & 0o777;
+        run(dir.path(), "echo secret", Duration::from_secs(10));
+        let log = dir.path().join("logs/hook.log");
+        assert_eq!(mode(&log), 0o640, "new log");
+        assert_eq!(mode(&dir.path().join("logs")), 0o750, "the directory made for it");
+        // A log an older agent left behind with 0644 is tightened on the next run.
+        std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let outcome = run(dir.path(), "echo again", Duration::from_secs(10));
+        assert_eq!(mode(&log), 0o640, "replaced log");
+        assert_eq!(outcome.output_tail, "again\n", "and the old output is gone");
     }
 
     #[test]

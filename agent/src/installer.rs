@@ -14,7 +14,7 @@ use crate::health;
 use crate::hooks::{HookRun, kill_leftover_group, run_hook_with};
 use crate::install::{Goal, Job, JobState, Rollback, Stage};
 use crate::journal::{ActiveInstall, BundleJournal, JournalError, Source};
-use crate::layout::{Layout, sync_dir};
+use crate::layout::{CurrentLink, Layout, sync_dir};
 use crate::service::{Services, Supervision};
 
 /// Releases kept on disk per bundle unless configured otherwise.
@@ -109,6 +109,14 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> InstallEr
     move |source| InstallError::Io { what, source }
 }
 
+/// Damage the installer found and repaired on its own (a journal moved aside and
+/// rebuilt, a broken `current`), for the coordinator's audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Repair {
+    pub bundle: String,
+    pub message: String,
+}
+
 /// Installs releases under one state dir. The caller holds the state dir lock.
 #[derive(Debug, Clone)]
 pub struct Installer {
@@ -116,6 +124,7 @@ pub struct Installer {
     settings: InstallSettings,
     s3: Option<aws_sdk_s3::Client>,
     services: Services,
+    repairs: Option<tokio::sync::mpsc::UnboundedSender<Repair>>,
 }
 
 impl Installer {
@@ -126,7 +135,49 @@ impl Installer {
             settings,
             s3,
             services,
+            repairs: None,
         }
+    }
+
+    /// Sends every [`Repair`] to `repairs` as well as to the log.
+    pub fn with_repairs(mut self, repairs: tokio::sync::mpsc::UnboundedSender<Repair>) -> Self {
+        self.repairs = Some(repairs);
+        self
+    }
+
+    fn report_repair(&self, bundle: &str, message: String) {
+        tracing::error!(%bundle, "{message}");
+        if let Some(repairs) = &self.repairs {
+            let _ = repairs.send(Repair {
+                bundle: bundle.to_owned(),
+                message,
+            });
+        }
+    }
+
+    /// The journal of `bundle`; an unreadable one is moved aside, rebuilt and reported.
+    fn load_journal(&self, bundle: &str) -> Result<BundleJournal, InstallError> {
+        let (journal, quarantined) = BundleJournal::load_or_rebuild(&self.layout, bundle)?;
+        if let Some(quarantined) = quarantined {
+            self.report_repair(bundle, quarantined.describe());
+        }
+        Ok(journal)
+    }
+
+    /// Reports a damaged `current` of `bundle`: it counts as no release, and the
+    /// install's switch replaces it.
+    fn check_current(&self, bundle: &str) -> Result<(), InstallError> {
+        let link = self
+            .layout
+            .inspect_current(bundle)
+            .map_err(io_error(format!("read the current release of {bundle}")))?;
+        if let CurrentLink::Damaged(what) = link {
+            self.report_repair(
+                bundle,
+                format!("{what}; it counts as no current release, and this install's switch replaces it"),
+            );
+        }
+        Ok(())
     }
 
     /// The apps this installer starts and stops.
@@ -151,7 +202,7 @@ impl Installer {
     /// Finishes (or rolls back) the install of `bundle` a killed agent left
     /// running; `Ok(None)` if there was none.
     pub async fn recover(&self, bundle: &str) -> Result<Option<InstallOutcome>, InstallError> {
-        let mut journal = BundleJournal::load(&self.layout, bundle)?;
+        let mut journal = self.load_journal(bundle)?;
         let Some(active) = journal.install.as_mut() else {
             return Ok(None);
         };
@@ -190,7 +241,8 @@ impl Installer {
             .clean_staging(bundle)
             .map_err(io_error(format!("clean staging of {bundle}")))?;
 
-        let mut journal = BundleJournal::load(&self.layout, bundle)?;
+        let mut journal = self.load_journal(bundle)?;
+        self.check_current(bundle)?;
         let current = self
             .layout
             .current_version(bundle)
@@ -205,6 +257,22 @@ impl Installer {
                 )));
             }
             Some(_) => on_disk,
+            None if on_disk && journal.current_is_unverified(&request.version) => {
+                // Its journal was rebuilt, and the sha256 went with the damaged file. The
+                // directory was unpacked only after its archive was verified, and a version
+                // names one archive, so the requested sha256 is taken as its content.
+                journal.adopt_current(&request.version, &sha256);
+                journal.save(&self.layout, bundle)?;
+                self.report_repair(
+                    bundle,
+                    format!(
+                        "{bundle}@{} is current; its sha256 was lost with the journal, so it is taken to be \
+                         {sha256} as requested (not verified again)",
+                        request.version
+                    ),
+                );
+                true
+            }
             None if on_disk && current.as_deref() == Some(request.version.as_str()) => {
                 return Err(InstallError::Refused(format!(
                     "{bundle}@{} is current but not in the journal, so its content cannot be checked; \
@@ -252,7 +320,7 @@ impl Installer {
     ) -> Result<InstallOutcome, InstallError> {
         rollwave_release::validate_bundle_name(bundle).map_err(|error| InstallError::Refused(error.to_string()))?;
         self.recover(bundle).await?;
-        let journal = BundleJournal::load(&self.layout, bundle)?;
+        let journal = self.load_journal(bundle)?;
         let current = self
             .layout
             .current_version(bundle)

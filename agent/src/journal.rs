@@ -2,7 +2,10 @@
 //! `state/journal/`, replaced atomically (temp, fsync, rename, dir fsync)
 //! before every step is acted on, so that after a crash the agent knows
 //! which install was running, where it stood, which releases on disk are
-//! complete, and what the rollback target is.
+//! complete, and what the rollback target is. A journal that cannot be read
+//! (truncated, garbage) is moved aside to `<bundle>.json.corrupt-<unix ms>`
+//! and rebuilt from what the disk still shows, so one damaged file never
+//! blocks the next deployment.
 
 use std::collections::BTreeMap;
 use std::io;
@@ -105,7 +108,7 @@ pub enum JournalError {
         #[source]
         source: io::Error,
     },
-    #[error("journal {path} is unreadable ({source}); move it aside to start over for this bundle")]
+    #[error("journal {path} is unreadable ({source}); the installer moves it aside and rebuilds it")]
     Corrupt {
         path: PathBuf,
         #[source]
@@ -113,9 +116,96 @@ pub enum JournalError {
     },
 }
 
+/// A journal that could not be read, moved aside and replaced by a rebuilt one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quarantined {
+    pub bundle: String,
+    /// Where the damaged file is now.
+    pub moved_to: PathBuf,
+    /// Why it could not be read.
+    pub reason: String,
+    /// The release `current` points to, kept as the only known activation.
+    pub current: Option<String>,
+}
+
+impl Quarantined {
+    /// One line for the log and the coordinator's audit trail.
+    pub fn describe(&self) -> String {
+        format!(
+            "journal of {} was unreadable ({}); moved aside to {} and rebuilt from the releases on disk \
+             (current: {}); releases other than current are fetched and verified again when next asked for",
+            self.bundle,
+            self.reason,
+            self.moved_to.display(),
+            self.current.as_deref().unwrap_or("none"),
+        )
+    }
+}
+
 impl BundleJournal {
     pub fn path(layout: &Layout, bundle: &str) -> PathBuf {
         layout.journal_dir().join(format!("{bundle}.json"))
+    }
+
+    /// The journal of `bundle`; an unreadable one is moved aside and replaced by
+    /// [`BundleJournal::rebuild`] (said in the second value).
+    pub fn load_or_rebuild(layout: &Layout, bundle: &str) -> Result<(Self, Option<Quarantined>), JournalError> {
+        let source = match Self::load(layout, bundle) {
+            Ok(journal) => return Ok((journal, None)),
+            Err(JournalError::Corrupt { source, .. }) => source,
+            Err(error) => return Err(error),
+        };
+        let path = Self::path(layout, bundle);
+        let moved_to = path.with_file_name(format!(
+            "{bundle}.json.corrupt-{}",
+            crate::unix_ms(std::time::SystemTime::now())
+        ));
+        let io_error = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
+        std::fs::rename(&path, &moved_to).map_err(io_error)?;
+        let journal = Self::rebuild(layout, bundle);
+        journal.save(layout, bundle)?;
+        let quarantined = Quarantined {
+            bundle: bundle.to_owned(),
+            moved_to,
+            reason: source.to_string(),
+            current: journal.history.last().map(|activation| activation.version.clone()),
+        };
+        Ok((journal, Some(quarantined)))
+    }
+
+    /// What the disk still tells without a journal: the release `current` points
+    /// to, recorded as the last activation with an unknown sha256 (empty). The
+    /// sha256 of the other releases on disk is lost, so none counts as prepared:
+    /// they are fetched and verified again when asked for, and retention removes
+    /// them like any release no journal owns.
+    pub fn rebuild(layout: &Layout, bundle: &str) -> Self {
+        let mut journal = Self::default();
+        if let Ok(Some(current)) = layout.current_version(bundle) {
+            journal.record_activation(&current, "", crate::unix_ms(std::time::SystemTime::now()));
+        }
+        journal
+    }
+
+    /// Whether `version` is the current release of a rebuilt journal, whose
+    /// sha256 was lost with the damaged file.
+    pub fn current_is_unverified(&self, version: &str) -> bool {
+        self.history
+            .last()
+            .is_some_and(|activation| activation.version == version && activation.sha256.is_empty())
+            && !self.prepared.contains_key(version)
+    }
+
+    /// Takes `sha256` as the content of the current `version` of a rebuilt journal.
+    pub fn adopt_current(&mut self, version: &str, sha256: &str) {
+        self.prepared.insert(version.to_owned(), sha256.to_owned());
+        if let Some(activation) = self.history.last_mut()
+            && activation.version == version
+        {
+            activation.sha256 = sha256.to_owned();
+        }
     }
 
     /// The journal of `bundle`, empty if it has none yet.
@@ -281,6 +371,55 @@ mod tests {
         assert_eq!(BundleJournal::bundles(&layout).expect("list"), ["web"]);
     }
 
+    /// The field trial: a truncated journal made every later install of the bundle fail
+    /// until someone moved the file aside by hand.
+    #[test]
+    fn a_truncated_journal_is_moved_aside_and_rebuilt_from_the_current_link() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layout = Layout::new(dir.path());
+        let mut journal = BundleJournal::default();
+        for version in ["1.0", "2.0"] {
+            std::fs::create_dir_all(layout.release_dir("web", version)).expect("release dir");
+            journal.prepared.insert(version.into(), "ab".repeat(32));
+            journal.record_activation(version, &"ab".repeat(32), 42);
+        }
+        layout.switch_current("web", "2.0").expect("switch");
+        journal.save(&layout, "web").expect("save");
+        let path = BundleJournal::path(&layout, "web");
+        let bytes = std::fs::read(&path).expect("read");
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).expect("truncate");
+
+        let (rebuilt, quarantined) = BundleJournal::load_or_rebuild(&layout, "web").expect("recovered");
+        let quarantined = quarantined.expect("reported");
+        assert_eq!(quarantined.current.as_deref(), Some("2.0"));
+        assert_eq!(
+            std::fs::read(&quarantined.moved_to).expect("damaged file kept"),
+            bytes[..bytes.len() / 2]
+        );
+        assert!(
+            quarantined.describe().contains("moved aside"),
+            "{}",
+            quarantined.describe()
+        );
+        assert!(
+            rebuilt.prepared.is_empty(),
+            "no sha256 survives, so nothing counts as verified"
+        );
+        assert!(rebuilt.current_is_unverified("2.0"));
+        assert!(!rebuilt.current_is_unverified("1.0"));
+        assert_eq!(rebuilt.rollback_target(Some("2.0")), None);
+        assert_eq!(
+            BundleJournal::bundles(&layout).expect("list"),
+            ["web"],
+            "the damaged copy is no bundle"
+        );
+        assert_eq!(
+            BundleJournal::load_or_rebuild(&layout, "web").expect("load"),
+            (rebuilt, None),
+            "the rebuilt journal is on disk"
+        );
+    }
+
     #[test]
     fn a_corrupt_journal_is_reported_not_replaced() {
         let dir = tempfile::tempdir().expect("temp dir");
@@ -288,6 +427,6 @@ mod tests {
         std::fs::create_dir_all(layout.journal_dir()).expect("dir");
         std::fs::write(BundleJournal::path(&layout, "web"), b"{not json").expect("write");
         let error = BundleJournal::load(&layout, "web").expect_err("corrupt");
-        assert!(error.to_string().contains("move it aside"), "{error}");
+        assert!(error.to_string().contains("moves it aside"), "{error}");
     }
 }

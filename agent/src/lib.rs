@@ -174,8 +174,16 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         notify::READY_FALLBACK,
     )));
     // Finish or roll back installs a killed agent left behind before anything else.
-    let s3 = rollwave_artifacts::client(&config.s3).await;
-    let installer = Installer::new(Layout::new(&config.state_dir), config.install.clone(), Some(s3));
+    // With `imds = "off"` nothing may ask the metadata service, the S3 client's chains included.
+    let metadata = match config.imds {
+        ImdsMode::Auto => rollwave_artifacts::InstanceMetadata::Allowed,
+        ImdsMode::Off => rollwave_artifacts::InstanceMetadata::Forbidden,
+    };
+    let s3 = rollwave_artifacts::client(&config.s3, metadata).await;
+    // What the installer repairs on its own (damaged journal, broken `current`) goes to the coordinator.
+    let (repairs, repair_queue) = tokio::sync::mpsc::unbounded_channel();
+    let installer =
+        Installer::new(Layout::new(&config.state_dir), config.install.clone(), Some(s3)).with_repairs(repairs);
     if let Err(error) = installer.recover_all().await {
         tracing::warn!(%error, "cannot recover interrupted installs");
     }
@@ -190,6 +198,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     // Desired state in from the session, reports out to it; both outlive any one session.
     let (desired, desired_receiver) = tokio::sync::watch::channel(None);
     let (reports, mut report_queue) = tokio::sync::mpsc::channel(REPORT_QUEUE);
+    let _repairs = AbortOnDrop(tokio::spawn(reconcile::report_repairs(repair_queue, reports.clone())));
     let (handled, handled_receiver) = tokio::sync::watch::channel(0);
     let _reconciler = AbortOnDrop(tokio::spawn(reconcile::run(
         installer.clone(),

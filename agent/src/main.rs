@@ -12,7 +12,7 @@ use rollwave_agent::installer::{InstallOutcome, InstallRequest, InstallSettings,
 use rollwave_agent::journal::Source;
 use rollwave_agent::layout::Layout;
 use rollwave_agent::lock::StateDirLock;
-use rollwave_artifacts::S3Settings;
+use rollwave_artifacts::{InstanceMetadata, S3Settings};
 
 const EXIT_CONFIG: u8 = 64;
 
@@ -271,7 +271,10 @@ async fn install(args: InstallArgs) -> anyhow::Result<Report> {
                 version_id: args.s3_version_id.clone(),
                 size: args.size.unwrap_or_default(),
             };
-            (source, Some(rollwave_artifacts::client(&settings).await))
+            (
+                source,
+                Some(rollwave_artifacts::client(&settings, InstanceMetadata::Allowed).await),
+            )
         }
         (None, None) => anyhow::bail!("give --archive or --s3-url"),
     };

@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
 use crate::install::Goal;
-use crate::installer::{InstallOutcome, InstallRequest, Installer, read_manifest};
+use crate::installer::{InstallOutcome, InstallRequest, Installer, Repair, read_manifest};
 use crate::journal::Source;
 
 /// How often the health checks of current releases run.
@@ -252,5 +252,27 @@ pub async fn report_health(installer: Installer, reports: Reports) {
             last.insert(release.bundle.clone(), now);
         }
         tokio::time::sleep(HEALTH_INTERVAL).await;
+    }
+}
+
+/// The progress step under which repairs travel; the coordinator audits them.
+pub const REPAIR_STEP: &str = "repair";
+
+/// Sends what the installer repaired on its own (a journal moved aside and
+/// rebuilt, a damaged `current`) to the coordinator, for its audit trail.
+pub async fn report_repairs(mut repairs: mpsc::UnboundedReceiver<Repair>, reports: Reports) {
+    while let Some(repair) = repairs.recv().await {
+        send(
+            &reports,
+            AgentBody::Progress(pb::ProgressEvent {
+                epoch: 0,
+                deployment_id: String::new(),
+                bundle: repair.bundle,
+                version: String::new(),
+                step: REPAIR_STEP.to_owned(),
+                state: "done".to_owned(),
+                message: clip(&repair.message),
+            }),
+        );
     }
 }

@@ -1,12 +1,29 @@
 //! Building the S3 client (standard AWS credential chain; endpoint and
 //! path-style overrides for S3-compatible stores) and uploading releases.
+//! Where the EC2 instance metadata service is off limits (an agent with
+//! `imds = "off"`), the region and credential chains are built here without
+//! it, since the SDK's defaults would ask it for both.
 
 use std::path::Path;
 
 use aws_config::BehaviorVersion;
+use aws_config::ecs::EcsCredentialsProvider;
+use aws_config::environment::{EnvironmentVariableCredentialsProvider, EnvironmentVariableRegionProvider};
+use aws_config::meta::credentials::CredentialsProviderChain;
+use aws_config::meta::region::RegionProviderChain;
+use aws_config::profile::{ProfileFileCredentialsProvider, ProfileFileRegionProvider};
+use aws_config::provider_config::ProviderConfig;
+use aws_config::web_identity_token::WebIdentityTokenCredentialsProvider;
+use aws_credential_types::provider::error::CredentialsError;
+use aws_credential_types::provider::{ProvideCredentials, future};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_smithy_http_client::tls;
 use serde::Deserialize;
+
+/// The region S3 requests are signed for when nothing names one: S3-compatible
+/// stores expect it, and AWS S3 answers a request signed for the wrong region
+/// with an error naming the right one (set `[s3] region` then).
+pub const DEFAULT_REGION: &str = "us-east-1";
 
 /// Where the store is, when it is not AWS S3 in the default region.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -20,26 +37,106 @@ pub struct S3Settings {
     pub force_path_style: bool,
 }
 
+/// Whether building and using the client may ask the EC2 instance metadata
+/// service (169.254.169.254) for a region or credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceMetadata {
+    /// The SDK's standard chains, the metadata service last.
+    Allowed,
+    /// Region: `settings.region`, else `AWS_REGION`/`AWS_DEFAULT_REGION`, else
+    /// the profile, else [`DEFAULT_REGION`]. Credentials: environment, profile,
+    /// web identity, ECS; never the metadata service (a profile naming
+    /// `credential_source = Ec2InstanceMetadata` gets an error saying why).
+    Forbidden,
+}
+
 /// An S3 client on the standard credential chain (environment, profile, web
-/// identity, ECS, instance role) with the overrides in `settings`.
-pub async fn client(settings: &S3Settings) -> aws_sdk_s3::Client {
+/// identity, ECS, and the instance role unless `metadata` forbids it) with the
+/// overrides in `settings`.
+pub async fn client(settings: &S3Settings, metadata: InstanceMetadata) -> aws_sdk_s3::Client {
     let http = aws_smithy_http_client::Builder::new()
         .tls_provider(tls::Provider::Rustls(tls::rustls_provider::CryptoMode::Ring))
         .build_https();
-    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http);
-    if let Some(region) = &settings.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
+    let mut loader = aws_config::defaults(BehaviorVersion::latest()).http_client(http.clone());
+    match metadata {
+        InstanceMetadata::Allowed => {
+            if let Some(region) = &settings.region {
+                loader = loader.region(aws_config::Region::new(region.clone()));
+            }
+        }
+        InstanceMetadata::Forbidden => {
+            let region = match &settings.region {
+                Some(region) => aws_config::Region::new(region.clone()),
+                None => region_without_metadata().await,
+            };
+            let provider_config = ProviderConfig::without_region()
+                .with_http_client(http)
+                .with_region(Some(region.clone()));
+            loader = loader
+                .region(region)
+                .credentials_provider(credentials_without_metadata(&provider_config));
+        }
     }
     let shared = loader.load().await;
     let mut builder = aws_sdk_s3::config::Builder::from(&shared).force_path_style(settings.force_path_style);
     if shared.region().is_none() {
-        // S3 needs some region to sign with; us-east-1 is what S3-compatible stores expect.
-        builder = builder.region(aws_config::Region::new("us-east-1"));
+        builder = builder.region(aws_config::Region::new(DEFAULT_REGION));
     }
     if let Some(endpoint) = &settings.endpoint {
         builder = builder.endpoint_url(endpoint);
     }
     aws_sdk_s3::Client::from_conf(builder.build())
+}
+
+/// The SDK's region chain without its last link (the metadata service).
+async fn region_without_metadata() -> aws_config::Region {
+    let chain = RegionProviderChain::first_try(EnvironmentVariableRegionProvider::new())
+        .or_else(ProfileFileRegionProvider::new());
+    match chain.region().await {
+        Some(region) => region,
+        None => {
+            tracing::info!(
+                region = DEFAULT_REGION,
+                "no S3 region configured and the instance metadata service is off; using the default \
+                 (set [s3] region for a bucket elsewhere)"
+            );
+            aws_config::Region::new(DEFAULT_REGION)
+        }
+    }
+}
+
+/// The SDK's default credential chain without its last link (the metadata service).
+fn credentials_without_metadata(config: &ProviderConfig) -> CredentialsProviderChain {
+    let profile = ProfileFileCredentialsProvider::builder()
+        .configure(config)
+        .with_custom_provider("Ec2InstanceMetadata", MetadataOff)
+        .build();
+    CredentialsProviderChain::first_try("Environment", EnvironmentVariableCredentialsProvider::new())
+        .or_else("Profile", profile)
+        .or_else(
+            "WebIdentityToken",
+            WebIdentityTokenCredentialsProvider::builder().configure(config).build(),
+        )
+        .or_else(
+            "EcsContainer",
+            EcsCredentialsProvider::builder().configure(config).build(),
+        )
+}
+
+/// Stands in for the metadata service where a profile names it as a credential source.
+#[derive(Debug)]
+struct MetadataOff;
+
+impl ProvideCredentials for MetadataOff {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        future::ProvideCredentials::ready(Err(CredentialsError::invalid_configuration(
+            "the AWS profile takes credentials from Ec2InstanceMetadata, but the instance metadata \
+             service is off (imds = \"off\"); give credentials another way or turn it on",
+        )))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -150,7 +150,8 @@ impl ArtifactStore {
 }
 
 async fn signed_client(settings: &S3Settings, credentials: &StoreCredentials) -> aws_sdk_s3::Client {
-    let base = rollwave_artifacts::client(settings).await;
+    // Loopback store with its own region and credentials: nothing to ask the metadata service.
+    let base = rollwave_artifacts::client(settings, rollwave_artifacts::InstanceMetadata::Forbidden).await;
     let credentials = aws_sdk_s3::config::Credentials::new(
         credentials.access_key_id.clone(),
         credentials.secret_access_key.clone(),

@@ -5,7 +5,6 @@
 //! Instances without a wish get the stack's approved releases (pins win).
 
 use rollwave_proto::v1 as pb;
-use rollwave_proto::v1::coordinator_message::Body as CoordinatorBody;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -116,15 +115,13 @@ async fn push(shared: &Shared, instance_id: &str, epoch: u64, wish: &Wish) -> Re
     for (bundle, version) in &wish.prepare {
         prepare.push(release_ref(&shared.store.get_release(bundle, version).await?));
     }
-    let message = pb::CoordinatorMessage {
-        body: Some(CoordinatorBody::DesiredState(pb::DesiredState {
-            epoch,
-            deployment_id: wish.deployment_id.clone(),
-            active: active.iter().map(release_ref).collect(),
-            prepare,
-        })),
+    let state = pb::DesiredState {
+        epoch,
+        deployment_id: wish.deployment_id.clone(),
+        active: active.iter().map(release_ref).collect(),
+        prepare,
     };
-    if !shared.sessions.push(instance_id, message) {
+    if !shared.sessions.push_desired(instance_id, state) {
         tracing::debug!(instance = %instance_id, epoch, "not connected; the wish is sent on its next hello");
     }
     Ok(())

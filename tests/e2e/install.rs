@@ -254,6 +254,88 @@ fn install_upgrade_repeat_and_roll_back() {
     assert_eq!(instance.on_disk(), ["1.0", "2.0", "current"], "both stay on disk");
 }
 
+/// The field trial: a truncated journal made every later install of the bundle fail
+/// until someone moved the file aside by hand.
+#[test]
+fn installs_go_on_after_the_journal_was_truncated() {
+    let instance = Instance::new();
+    let v1 = instance.release("1.0");
+    let v2 = instance.release("2.0");
+    let v3 = instance.release("3.0");
+    ok(&instance.install(&v1, &[]));
+    ok(&instance.install(&v2, &[]));
+    let journal = instance.root().join("state/journal/web.json");
+    let bytes = std::fs::read(&journal).expect("journal");
+    std::fs::write(&journal, &bytes[..bytes.len() / 3]).expect("truncate");
+    instance.take_events();
+
+    // The current release: its sha256 went with the journal; the requested one is adopted.
+    let printed = ok(&instance.install(&v2, &[]));
+    assert!(printed.contains("nothing to do"), "{printed}");
+    assert!(instance.take_events().is_empty(), "the running release is left alone");
+    let aside: Vec<String> = std::fs::read_dir(instance.root().join("state/journal"))
+        .expect("journal dir")
+        .filter_map(Result::ok)
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("web.json.corrupt-"))
+        .collect();
+    assert_eq!(aside.len(), 1, "the damaged journal is kept aside: {aside:?}");
+    assert_eq!(instance.journal()["prepared"]["2.0"], v2.sha256.as_str());
+
+    // The next release installs as usual, and 1.0 (its sha256 lost) is verified again when asked for.
+    let printed = ok(&instance.install(&v3, &[]));
+    assert!(printed.contains("web@3.0 is current (previous: 2.0)"), "{printed}");
+    let printed = ok(&instance.install(&v1, &[]));
+    assert!(printed.contains("web@1.0 is current"), "{printed}");
+    assert!(
+        instance
+            .take_events()
+            .iter()
+            .any(|line| line.starts_with("before_install 1.0")),
+        "1.0 was installed again from its archive"
+    );
+    assert_eq!(instance.serving().as_deref(), Some("1.0"));
+}
+
+/// The field trial: a damaged `current` left the instance unable to install anything.
+#[test]
+fn installs_go_on_after_current_was_damaged() {
+    /// A name and what it does to `current`.
+    type Damage = (&'static str, fn(&Path));
+    let damage: [Damage; 3] = [
+        ("a directory", |link| {
+            std::fs::remove_file(link).expect("remove link");
+            std::fs::create_dir(link).expect("directory");
+        }),
+        ("dangling", |link| {
+            std::fs::remove_file(link).expect("remove link");
+            std::os::unix::fs::symlink("9.9", link).expect("dangling link");
+        }),
+        ("garbage", |link| {
+            std::fs::remove_file(link).expect("remove link");
+            std::fs::write(link, b"\0\0garbage").expect("file");
+        }),
+    ];
+    for (name, damage) in damage {
+        let instance = Instance::new();
+        let v1 = instance.release("1.0");
+        let v2 = instance.release("2.0");
+        ok(&instance.install(&v1, &[]));
+        damage(&instance.root().join("releases/web/current"));
+        instance.take_events();
+        let printed = ok(&instance.install(&v2, &[]));
+        assert_eq!(printed.trim(), "web@2.0 is current", "{name}: no previous release");
+        assert_eq!(instance.serving().as_deref(), Some("2.0"), "{name}");
+        assert!(
+            !instance
+                .take_events()
+                .iter()
+                .any(|line| line.starts_with("application_stop")),
+            "{name}: no stop hook of a release that is not current"
+        );
+    }
+}
+
 #[test]
 fn a_wrong_sha256_is_refused_before_anything_is_unpacked() {
     let instance = Instance::new();

@@ -1,6 +1,7 @@
 //! End-to-end scenarios: real coordinator and agent processes on loopback.
 //! One test binary; the shared harness lives in `tests/harness`.
 
+mod damage;
 mod demo;
 mod deployments;
 mod hosts;
@@ -8,6 +9,7 @@ mod identity;
 mod install;
 mod joining;
 mod limits;
+mod metadata;
 mod packaging;
 mod releases;
 mod restart;

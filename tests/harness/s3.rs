@@ -105,7 +105,7 @@ impl S3Bucket {
         let name = unique_bucket_name();
         let bucket = name.clone();
         let client = block_on(async move {
-            let client = rollwave_artifacts::client(&settings).await;
+            let client = rollwave_artifacts::client(&settings, rollwave_artifacts::InstanceMetadata::Allowed).await;
             client
                 .create_bucket()
                 .bucket(&bucket)

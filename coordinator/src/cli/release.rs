@@ -335,7 +335,7 @@ async fn push(args: PushArgs, flags: &ProfileFlags, format: OutputFormat, env: &
     }
     check_bundle_kind(&mut client, &args.bundle, args.kind).await?;
 
-    let s3 = rollwave_artifacts::client(&target.settings).await;
+    let s3 = rollwave_artifacts::client(&target.settings, rollwave_artifacts::InstanceMetadata::Allowed).await;
     let uploaded = rollwave_artifacts::upload(&s3, &target.bucket, &key, &args.file, &sha256.to_hex()).await?;
     if uploaded.version_id.is_none() && !args.allow_unversioned {
         anyhow::bail!(

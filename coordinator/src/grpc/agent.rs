@@ -9,19 +9,19 @@ use rollwave_proto::v1::agent_message::Body as AgentBody;
 use rollwave_proto::v1::coordinator_message::Body as CoordinatorBody;
 use rollwave_trust::Fingerprint;
 use time::OffsetDateTime;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::{ServiceError, Shared, random_hex, secret_hash};
 use crate::ca::SignedCertificate;
 use crate::enrollment::{JoinAttempt, JoinDecision};
 use crate::model::{InstanceFacts, ObservedRelease, unix_ms, validate_name};
-use crate::sessions::{Admission, Outbound, PROBE_TIMEOUT};
+use crate::sessions::{Admission, Outbound, PROBE_TIMEOUT, SessionStream, session_stream};
 use crate::store::{IssuedCertificate, NewJoin, StoreError};
 
-/// Pushes queued for one agent before the session counts as stuck.
+/// Acknowledgements queued for one agent before the session counts as stuck
+/// (desired states do not queue: each session has a slot for the newest one).
 const OUTBOUND_QUEUE: usize = 32;
 /// Tags an agent may declare, and their sizes: facts are for display.
 const MAX_TAGS: usize = 64;
@@ -188,7 +188,7 @@ impl AgentApi {
         instance_id: &str,
         peer: &str,
         inbound: &mut Streaming<pb::AgentMessage>,
-    ) -> Result<(Outbound, mpsc::Receiver<Result<pb::CoordinatorMessage, Status>>, u64), Status> {
+    ) -> Result<(Outbound, SessionStream, u64), Status> {
         let shared = &self.shared;
         let first = tokio::time::timeout(shared.settings.hello_timeout, inbound.next())
             .await
@@ -241,13 +241,16 @@ impl AgentApi {
             heartbeat_interval_ms: u32::try_from(shared.settings.heartbeat_interval.as_millis()).unwrap_or(u32::MAX),
         };
         let (sender, receiver) = mpsc::channel(OUTBOUND_QUEUE);
-        sender
-            .try_send(Ok(pb::CoordinatorMessage {
-                body: Some(CoordinatorBody::HelloAck(ack)),
-            }))
-            .expect("a fresh queue has room for the acknowledgement");
+        let (desired, desired_receiver) = watch::channel(None);
+        let hello_ack = pb::CoordinatorMessage {
+            body: Some(CoordinatorBody::HelloAck(ack)),
+        };
         // Before anything of this hello is stored: a duplicate must not overwrite what the live holder said.
-        let session_id = match shared.sessions.admit(instance_id, sender.clone(), PROBE_TIMEOUT).await {
+        let session_id = match shared
+            .sessions
+            .admit(instance_id, sender.clone(), desired, PROBE_TIMEOUT)
+            .await
+        {
             Admission::Opened { session_id, replaced } => {
                 if replaced {
                     tracing::info!(instance = %instance_id, %peer, "the previous session did not answer a ping; replaced it");
@@ -264,7 +267,11 @@ impl AgentApi {
             shared.sessions.close(instance_id, session_id);
             return Err(ServiceError::from(error).into());
         }
-        Ok((sender, receiver, session_id))
+        Ok((
+            sender,
+            session_stream(hello_ack, receiver, desired_receiver),
+            session_id,
+        ))
     }
 
     /// Records a refused duplicate (audited once per streak) and says why to its agent.
@@ -335,6 +342,19 @@ async fn serve_session(
             AgentBody::Hello(_) => {
                 tracing::warn!(instance = %instance_id, "second hello in one session ignored");
             }
+            // Damage the agent repaired on its own (see the agent's `reconcile::REPAIR_STEP`).
+            AgentBody::Progress(event) if event.step == "repair" => {
+                tracing::warn!(instance = %instance_id, bundle = %event.bundle, message = %event.message, "agent repaired damage");
+                shared
+                    .audit(
+                        &format!("instance:{instance_id}"),
+                        "instance.repair",
+                        &instance_id,
+                        "ok",
+                        format!("{}: {}", event.bundle, event.message),
+                    )
+                    .await;
+            }
             AgentBody::Progress(event) => {
                 tracing::info!(
                     instance = %instance_id, bundle = %event.bundle, version = %event.version,
@@ -404,7 +424,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
         ))
     }
 
-    type SessionStream = ReceiverStream<Result<pb::CoordinatorMessage, Status>>;
+    type SessionStream = SessionStream;
 
     async fn session(
         &self,
@@ -415,7 +435,7 @@ impl pb::agent_service_server::AgentService for AgentApi {
             .remote_addr()
             .map_or_else(|| "an unknown address".to_owned(), |addr| addr.to_string());
         let mut inbound = request.into_inner();
-        let (outbound, receiver, session_id) = self.open_session(&instance_id, &peer, &mut inbound).await?;
+        let (outbound, stream, session_id) = self.open_session(&instance_id, &peer, &mut inbound).await?;
         tracing::info!(instance = %instance_id, "session opened");
         // The instance's wish (approved releases for a new one) goes out first,
         // then deployments of its stack take it on if it is new to them.
@@ -437,6 +457,6 @@ impl pb::agent_service_server::AgentService for AgentApi {
             inbound,
             outbound,
         ));
-        Ok(Response::new(ReceiverStream::new(receiver)))
+        Ok(Response::new(stream))
     }
 }
