@@ -184,7 +184,7 @@ impl BundleJournal {
     pub fn rebuild(layout: &Layout, bundle: &str) -> Self {
         let mut journal = Self::default();
         if let Ok(Some(current)) = layout.current_version(bundle) {
-            journal.record_activation(&current, "", crate::unix_ms(std::time::SystemTime::now()));
+            journal.record_activation(&current, "", crate::unix_ms(std::time::SystemTime::now()), false);
         }
         journal
     }
@@ -381,7 +381,7 @@ mod tests {
         for version in ["1.0", "2.0"] {
             std::fs::create_dir_all(layout.release_dir("web", version)).expect("release dir");
             journal.prepared.insert(version.into(), "ab".repeat(32));
-            journal.record_activation(version, &"ab".repeat(32), 42);
+            journal.record_activation(version, &"ab".repeat(32), 42, false);
         }
         layout.switch_current("web", "2.0").expect("switch");
         journal.save(&layout, "web").expect("save");
@@ -407,7 +407,7 @@ mod tests {
         );
         assert!(rebuilt.current_is_unverified("2.0"));
         assert!(!rebuilt.current_is_unverified("1.0"));
-        assert_eq!(rebuilt.rollback_target(Some("2.0")), None);
+        assert_eq!(rebuilt.rollback_target(Some("2.0"), None), None);
         assert_eq!(
             BundleJournal::bundles(&layout).expect("list"),
             ["web"],

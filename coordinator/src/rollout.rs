@@ -1434,7 +1434,7 @@ impl Rollout {
             0 => usize::MAX,
             batch => usize::try_from(batch).unwrap_or(usize::MAX),
         };
-        let mut out = self
+        let out = self
             .targets
             .values()
             .filter(|target| is_out_for_rollback(target))
@@ -1449,12 +1449,8 @@ impl Rollout {
             })
             .collect();
         in_service.sort_by_key(|(healthy, _)| *healthy);
-        let in_service = in_service.into_iter().map(|(_, instance)| instance);
-        for instance in in_service {
-            if out >= batch {
-                break;
-            }
-            out += 1;
+        let room = batch.saturating_sub(out);
+        for (_, instance) in in_service.into_iter().take(room) {
             if self.options.drain {
                 // Switched back once the provider reports it drained (the first loop above, next pass).
                 if let Some(target) = self.targets.get_mut(&instance) {

@@ -485,6 +485,7 @@ mod tests {
                 Ok(Some(CoordinatorBody::HelloAck(_))) => "hello-ack".to_owned(),
                 Ok(Some(CoordinatorBody::HeartbeatAck(ack))) => format!("ack {}", ack.sequence),
                 Ok(Some(CoordinatorBody::DesiredState(state))) => format!("desired {}", state.epoch),
+                Ok(Some(CoordinatorBody::Ping(ping))) => format!("ping {}", ping.nonce),
                 Ok(None) => "empty".to_owned(),
                 Err(status) => format!("end: {}", status.message()),
             });
