@@ -7,4 +7,4 @@ mod download;
 mod s3;
 
 pub use download::{DownloadError, DownloadOptions, PinnedObject, download_verified};
-pub use s3::{S3Settings, UploadError, Uploaded, client, upload};
+pub use s3::{BucketVersioning, S3Settings, UploadError, Uploaded, VersioningError, bucket_versioning, client, upload};

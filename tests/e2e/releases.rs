@@ -414,7 +414,7 @@ fn a_push_records_the_object_version_and_a_version_names_one_archive_forever() {
 }
 
 #[test]
-fn an_unversioned_bucket_is_refused_unless_allowed() {
+fn a_push_to_an_unversioned_bucket_is_refused_before_uploading_unless_allowed() {
     let world = World::new(false);
     let archive = world.archive("one");
 
@@ -422,12 +422,14 @@ fn an_unversioned_bucket_is_refused_unless_allowed() {
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     let message = stderr(&refused);
     assert!(
-        message.contains("NOT registered") && message.contains("versioning") && message.contains("--allow-unversioned"),
+        message.contains("NOT pushed") && message.contains("versioning") && message.contains("--allow-unversioned"),
         "the refusal explains bucket versioning and the way out: {message}"
     );
-    assert!(
-        message.contains("was uploaded"),
-        "says the object is in the bucket: {message}"
+    assert!(message.contains("nothing was uploaded"), "{message}");
+    assert_eq!(
+        world.bucket.keys(),
+        Vec::<String>::new(),
+        "the refused push wrote to the bucket"
     );
     let missing = world.coordinator().try_cli(&["release", "show", "site", "1.0"]);
     assert_eq!(missing.status.code(), Some(1));

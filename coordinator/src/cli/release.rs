@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
+use rollwave_artifacts::BucketVersioning;
 use rollwave_proto::v1 as pb;
 use rollwave_release::BuildOutput;
 use serde::Serialize;
@@ -42,8 +43,9 @@ file again changes nothing, and different content under a registered version
 is refused before anything is uploaded.
 
 The bucket must have versioning enabled, so the registered bytes cannot be
-replaced under the same key; --allow-unversioned accepts an unversioned
-bucket and relies on the sha256 alone.
+replaced under the same key; this is checked before anything is uploaded.
+--allow-unversioned accepts an unversioned bucket and relies on the sha256
+alone.
 
 S3 settings: flags, else ROLLWAVE_S3_BUCKET, ROLLWAVE_S3_ENDPOINT,
 ROLLWAVE_S3_REGION, ROLLWAVE_S3_PATH_STYLE, else the [s3] table of the
@@ -336,14 +338,30 @@ async fn push(args: PushArgs, flags: &ProfileFlags, format: OutputFormat, env: &
     check_bundle_kind(&mut client, &args.bundle, args.kind).await?;
 
     let s3 = rollwave_artifacts::client(&target.settings).await;
+    // Asked before uploading, so a refused push leaves the bucket untouched.
+    if !args.allow_unversioned {
+        let versioning = rollwave_artifacts::bucket_versioning(&s3, &target.bucket).await?;
+        if versioning != BucketVersioning::Enabled {
+            let state = match versioning {
+                BucketVersioning::Suspended => "has versioning suspended",
+                _ => "does not keep object versions",
+            };
+            anyhow::bail!(
+                "release {name} was NOT pushed: bucket {bucket} {state}, so anyone could later replace the archive \
+                 under the same key and instances could not be pinned to these bytes; nothing was uploaded. \
+                 {ENABLE_VERSIONING}",
+                bucket = target.bucket,
+                ENABLE_VERSIONING = enable_versioning(&target.bucket)
+            );
+        }
+    }
     let uploaded = rollwave_artifacts::upload(&s3, &target.bucket, &key, &args.file, &sha256.to_hex()).await?;
     if uploaded.version_id.is_none() && !args.allow_unversioned {
+        // The bucket said it keeps versions, yet the upload got none (a store that ignores versioning).
         anyhow::bail!(
-            "release {name} was NOT registered: s3://{bucket}/{key} was uploaded, but bucket {bucket} does not keep \
-             object versions, so anyone could later replace the archive under the same key and instances could not \
-             be pinned to these bytes. Enable versioning on the bucket (for example \
-             `aws s3api put-bucket-versioning --bucket {bucket} --versioning-configuration Status=Enabled`) and push \
-             again, or pass --allow-unversioned to rely on the sha256 alone",
+            "release {name} was NOT registered: s3://{bucket}/{key} was uploaded, but the store assigned it no \
+             object version although bucket {bucket} reports versioning enabled. {}",
+            enable_versioning(&target.bucket),
             bucket = target.bucket
         );
     }
@@ -370,6 +388,15 @@ async fn push(args: PushArgs, flags: &ProfileFlags, format: OutputFormat, env: &
         "registered"
     };
     print_push(format, &name, status, true, release)
+}
+
+/// The way out of a refusal for want of versioning.
+fn enable_versioning(bucket: &str) -> String {
+    format!(
+        "Enable versioning on the bucket (for example `aws s3api put-bucket-versioning --bucket {bucket} \
+         --versioning-configuration Status=Enabled`) and push again, or pass --allow-unversioned to rely on the \
+         sha256 alone"
+    )
 }
 
 /// Refuses, before anything is uploaded, a kind other than the bundle's.
