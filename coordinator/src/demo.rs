@@ -30,6 +30,7 @@ use crate::cli::profile::Profile;
 use crate::cli::{DemoArgs, OperatorClient, deploy};
 use crate::presence::PresencePolicy;
 use crate::server::{self, RunningServer, ServerOptions};
+use crate::wording::count_of;
 
 const STACK: &str = "demo";
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
@@ -163,8 +164,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let workdir = tempfile::Builder::new().prefix("rollwave-demo-").tempdir()?;
     say(&format!(
-        "rollwave demo: a coordinator, an S3-compatible artifact store and {} agents on this machine, in {}",
-        args.agents,
+        "rollwave demo: a coordinator, an S3-compatible artifact store and {} on this machine, in {}",
+        count_of(args.agents, "agent", "agents"),
         workdir.path().display()
     ));
 
@@ -334,9 +335,9 @@ async fn story(
         .into_inner()
         .token;
     say(&format!(
-        "      starting {} agents with a join token; each agent.toml has [s3] endpoint = {:?},\n      \
+        "      starting {} with a join token; each agent.toml has [s3] endpoint = {:?},\n      \
          force_path_style = true and [install] health_deadline = {AGENT_HEALTH_DEADLINE:?} (default 1m)",
-        args.agents,
+        count_of(args.agents, "agent", "agents"),
         store.endpoint()
     ));
     for index in 0..args.agents {
@@ -755,15 +756,6 @@ fn print_try_it(workdir: &Path, server: &RunningServer, store: &ArtifactStore) -
         dir = workdir.display()
     ));
     Ok(())
-}
-
-/// "1 agent", "6 agents".
-fn count_of(count: usize, one: &str, many: &str) -> String {
-    if count == 1 {
-        format!("1 {one}")
-    } else {
-        format!("{count} {many}")
-    }
 }
 
 /// Turns a gRPC status into an error whose message is the server's explanation.

@@ -20,3 +20,4 @@ pub mod sessions;
 pub mod store;
 pub mod traffic;
 pub mod wishes;
+pub mod wording;

@@ -22,6 +22,7 @@ use super::output::{
 };
 use super::{OperatorClient, call_error};
 use crate::planner::{Amount, InvalidAmount};
+use crate::wording::count_of;
 
 /// How often watching asks the coordinator where a deployment stands.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -840,15 +841,6 @@ fn redraw(drawn_lines: usize, block: &[String]) -> String {
     }
     text.push_str("\x1b[?7h");
     text
-}
-
-/// "1 instance", "3 instances".
-fn count_of(count: usize, one: &str, many: &str) -> String {
-    if count == 1 {
-        format!("1 {one}")
-    } else {
-        format!("{count} {many}")
-    }
 }
 
 /// "3 settled, 1 activating", in lifecycle order.
