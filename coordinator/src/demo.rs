@@ -24,6 +24,7 @@ use rollwave_proto::v1 as pb;
 use tokio::process::{Child, Command};
 
 use crate::artifact_store::{ArtifactStore, StoreCredentials};
+use crate::cli::console;
 use crate::cli::deploy::{DeploymentCommand, StatusArgs};
 use crate::cli::output::{InstanceView, OutputFormat, print_list};
 use crate::cli::profile::Profile;
@@ -148,12 +149,13 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A narration line on stdout; the deployment watch draws on stderr, as `rollwave deployment watch` does.
+/// A reader that went away loses the narration; the demo goes on and cleans up.
 fn say(text: &str) {
-    println!("{text}");
+    let _ = console::write_stdout(&format!("{text}\n"));
 }
 
 fn step(number: usize, text: &str) {
-    println!("\n[{number}/7] {text}");
+    let _ = console::write_stdout(&format!("\n[{number}/7] {text}\n"));
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -201,7 +203,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         && args.keep_running
     {
         if let Err(error) = print_try_it(workdir.path(), &server, &store) {
-            eprintln!("warning: cannot write the demo's CLI config: {error:#}");
+            console::noteln!("warning: cannot write the demo's CLI config: {error:#}");
         }
         interrupted().await;
     }
@@ -884,7 +886,7 @@ impl Fleet {
             groups.entry(stray.group).or_default().push(stray);
         }
         if !groups.is_empty() {
-            eprintln!(
+            console::noteln!(
                 "warning: {} process group(s) from the demo's directory were still running although no agent \
                  records them: an agent lost track of an app it started; stopping them:",
                 groups.len()
@@ -897,7 +899,7 @@ impl Fleet {
                 .or(members.first())
                 .map(|member| member.command.as_str())
                 .unwrap_or_default();
-            eprintln!("  process group {group} ({} processes): {leader}", members.len());
+            console::noteln!("  process group {group} ({} processes): {leader}", members.len());
             let _ = killpg(Pid::from_raw(*group), Signal::SIGKILL);
         }
         (stopped_agents, apps.len())

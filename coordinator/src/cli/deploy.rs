@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,6 +16,7 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use rollwave_proto::v1 as pb;
 use serde::Serialize;
 
+use super::console::{noteln, out, outln, write_stderr};
 use super::output::{
     BundleStatusView, DeploymentInstanceView, DeploymentView, EventView, InstanceStatusView, OutputFormat, PlanView,
     StackStatusView, Tabular, ago_at, print_item, print_list, table,
@@ -62,26 +63,28 @@ const FINAL_STATES: [&str; 4] = ["settled", "failed", "switched back", "switch b
 
 const DEPLOY_HELP: &str = "\
 Defaults (the coordinator applies them to every flag left out):
-  --strategy rolling         --canary 1                --batch 25% (of a zone, at least 1)
-  --min-healthy 75%          --failure-threshold 0     --bake 0s
-  --min-healthy-time 10s     --healthy-deadline 5m     --progress-deadline 10m
+  --strategy rolling       --canary 1             --batch 25% (of a zone, min 1)
+  --min-healthy 75%        --failure-threshold 0  --bake 0s
+  --min-healthy-time 10s   --healthy-deadline 5m  --progress-deadline 10m
   failed deployments switch instances back (see --no-rollback)
 
 How a rolling deployment goes:
-  1. Every target prepares: downloads, verifies and unpacks the release and runs its
-     install hooks, without switching to it.
+  1. Every target prepares: downloads, verifies and unpacks the release and runs
+     its install hooks, without switching to it.
   2. The canary wave switches first: --canary instances, healthy ones first.
-  3. Then zone by zone, the canary's zone first, --batch of the zone's instances per
-     wave. A wave never takes so many healthy instances out of service that fewer than
-     --min-healthy of the stack stay healthy; a batch that would is split.
+  3. Then zone by zone, the canary's zone first, --batch of the zone's instances
+     per wave. A wave never takes so many healthy instances out of service that
+     fewer than --min-healthy of the stack stay healthy; a batch that would is
+     split.
   An instance is done once it has been healthy for --min-healthy-time without
-  interruption, and fails if that takes longer than --healthy-deadline. After each
-  wave the deployment waits --bake before the next. More failed instances than
-  --failure-threshold, or no progress for --progress-deadline, fail the deployment:
-  the instances that switched go back to the previous release (unless --no-rollback).
-  Pinned and lost instances are skipped; --plan shows which and why.
-  --strategy all-at-once switches every target in one wave, with no minimum-healthy
-  floor; --canary, --batch and --min-healthy do not apply to it.
+  interruption, and fails if that takes longer than --healthy-deadline. After
+  each wave the deployment waits --bake before the next. More failed instances
+  than --failure-threshold, or no progress for --progress-deadline, fail the
+  deployment: the instances that switched go back to the previous release
+  (unless --no-rollback). Pinned and lost instances are skipped; --plan shows
+  which and why.
+  --strategy all-at-once switches every target in one wave, with no
+  minimum-healthy floor; --canary, --batch and --min-healthy do not apply to it.
 
 N|P% is a number of instances (3) or a percentage (25%, rounded up).
 DURATION is like 90s, 5m or 1h 30m.
@@ -98,9 +101,9 @@ Exit codes: 0 when started (with --watch: when it succeeded); 1 when refused,
 or (with --watch) when it failed or was aborted.";
 
 const WATCH_HELP: &str = "\
-On a terminal, a block on stderr is redrawn as the deployment moves: the phase, a
-bar of settled instances, every wave with its instances' states, and the newest
-failures. Elsewhere (a pipe, a CI log), one line per change, such as
+On a terminal, a block on stderr is redrawn as the deployment moves: the phase,
+a bar of settled instances, every wave with its instances' states, and the
+newest failures. Elsewhere (a pipe, a CI log), one line per change, such as
 \"wave 2/4 zone us-east-1b: i-0a1b healthy\". With --output json, the final
 deployment is printed on stdout as JSON at the end.
 
@@ -121,9 +124,10 @@ Examples:
   rollwave deployment abort d-4f2a9c";
 
 const ROLLBACK_HELP: &str = "\
-The whole stack switches back to the approved release before the current one, all at
-once (the previous release is still on the instances, so this is fast), and that
-release becomes the approved one again. Pinned instances stay as they are.
+The whole stack switches back to the approved release before the current one,
+all at once (the previous release is still on the instances, so this is fast),
+and that release becomes the approved one again. Pinned instances stay as they
+are.
 
 Examples:
   rollwave rollback web site
@@ -131,8 +135,9 @@ Examples:
 
 const PIN_HELP: &str = "\
 A pinned instance runs the given release whatever the approved one is, and
-deployments of the bundle skip it until it is unpinned. Use it to try a release on a
-few instances, or to hold one back. --count and --percent take instances in id order.
+deployments of the bundle skip it until it is unpinned. Use it to try a release
+on a few instances, or to hold one back. --count and --percent take instances in
+id order.
 
 Examples:
   rollwave pin web site@1.5.0-rc1 --instances i-0a1b,i-0c2d
@@ -147,10 +152,10 @@ Examples:
   rollwave unpin web site";
 
 const STATUS_HELP: &str = "\
-For every bundle: the approved version, how many instances run which version, the
-running deployment, and every instance that differs: drift (runs another version),
-pinned, deploying, missing (runs none), or unhealthy (with its health check's
-detail and since when). --output json lists every instance.
+For every bundle: the approved version, how many instances run which version,
+the running deployment, and every instance that differs: drift (runs another
+version), pinned, deploying, missing (runs none), or unhealthy (with its health
+check's detail and since when). --output json lists every instance.
 
 Examples:
   rollwave status web
@@ -420,7 +425,7 @@ pub async fn deploy(client: &mut OperatorClient, args: DeployArgs, format: Outpu
         return match format {
             OutputFormat::Json => print_item(format, &plan),
             OutputFormat::Table => {
-                print!("{}", render_plan(&args.stack, &args.release, &plan));
+                out!("{}", render_plan(&args.stack, &args.release, &plan))?;
                 Ok(())
             }
         };
@@ -489,15 +494,15 @@ async fn started(
                 .as_deref()
                 .map(|version| format!(" (from {version})"))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "deployment {} of {} to {}{previous}: {}",
                 deployment.id,
                 deployment.release(),
                 deployment.stack,
                 deployment.summary
-            );
+            )?;
             if deployment.is_running() {
-                eprintln!("follow it: rollwave deployment watch {}", deployment.id);
+                noteln!("follow it: rollwave deployment watch {}", deployment.id);
             }
             Ok(())
         }
@@ -536,7 +541,7 @@ pub async fn deployment(
             match format {
                 OutputFormat::Json => print_item(format, &deployment),
                 OutputFormat::Table => {
-                    print!("{}", render_deployment(&deployment));
+                    out!("{}", render_deployment(&deployment))?;
                     Ok(())
                 }
             }
@@ -568,7 +573,7 @@ async fn control(
     match format {
         OutputFormat::Json => print_item(format, &deployment),
         OutputFormat::Table => {
-            println!("{done} deployment {}: {}", deployment.id, deployment.summary);
+            outln!("{done} deployment {}: {}", deployment.id, deployment.summary)?;
             Ok(())
         }
     }
@@ -617,15 +622,15 @@ pub async fn pin(client: &mut OperatorClient, args: PinArgs, format: OutputForma
         ),
         OutputFormat::Table => {
             if pinned.is_empty() {
-                println!("no instance of {} was pinned", args.stack);
+                outln!("no instance of {} was pinned", args.stack)?;
             } else {
-                println!(
+                outln!(
                     "pinned {} of {} to {}: {}",
                     count_of(pinned.len(), "instance", "instances"),
                     args.stack,
                     args.release,
                     pinned.join(", ")
-                );
+                )?;
             }
             Ok(())
         }
@@ -655,20 +660,20 @@ pub async fn unpin(client: &mut OperatorClient, args: UnpinArgs, format: OutputF
         ),
         OutputFormat::Table => {
             if unpinned.is_empty() {
-                println!("no instance of {} was pinned for {}", args.stack, args.bundle);
+                outln!("no instance of {} was pinned for {}", args.stack, args.bundle)?;
             } else {
                 let returns = if unpinned.len() == 1 {
                     "it returns"
                 } else {
                     "they return"
                 };
-                println!(
+                outln!(
                     "unpinned {} of {} for {}: {}; {returns} to the approved release",
                     count_of(unpinned.len(), "instance", "instances"),
                     args.stack,
                     args.bundle,
                     unpinned.join(", ")
-                );
+                )?;
             }
             Ok(())
         }
@@ -687,7 +692,7 @@ pub async fn status(client: &mut OperatorClient, args: StatusArgs, format: Outpu
     match format {
         OutputFormat::Json => print_item(format, &status),
         OutputFormat::Table => {
-            print!("{}", render_status(&status, args.all, SystemTime::now()));
+            out!("{}", render_status(&status, args.all, SystemTime::now()))?;
             Ok(())
         }
     }
@@ -758,7 +763,7 @@ async fn watch(client: &mut OperatorClient, id: &str, format: OutputFormat) -> a
     match format {
         OutputFormat::Json => print_item(format, &last)?,
         // A failure is told once, by the error (with its reason) that sets the exit code.
-        OutputFormat::Table if last.status == "succeeded" => println!("{}", status_line(&last)),
+        OutputFormat::Table if last.status == "succeeded" => outln!("{}", status_line(&last))?,
         OutputFormat::Table => {}
     }
     outcome(&last)
@@ -819,12 +824,6 @@ impl Progress {
         self.drawn.clear();
         write_stderr(&format!("{text}\n"));
     }
-}
-
-/// Progress is a courtesy: a closed stderr must not end the watch (the outcome still decides the exit code).
-fn write_stderr(text: &str) {
-    let mut stderr = std::io::stderr().lock();
-    let _ = stderr.write_all(text.as_bytes()).and_then(|()| stderr.flush());
 }
 
 /// Moves up over the `drawn_lines` of the previous block, clears to the end of the screen and prints `block`.

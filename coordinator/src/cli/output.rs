@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::console::{out, outln};
 use rollwave_proto::v1 as pb;
 use serde::Serialize;
 
@@ -613,8 +614,8 @@ pub fn table<T: Tabular>(items: &[T]) -> String {
 /// Prints a list in the chosen format.
 pub fn print_list<T: Tabular + Serialize>(format: OutputFormat, items: &[T]) -> anyhow::Result<()> {
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(items)?),
-        OutputFormat::Table => print!("{}", table(items)),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(items)?)?,
+        OutputFormat::Table => out!("{}", table(items))?,
     }
     Ok(())
 }
@@ -623,7 +624,7 @@ pub fn print_list<T: Tabular + Serialize>(format: OutputFormat, items: &[T]) -> 
 pub fn print_item<T: Serialize>(format: OutputFormat, item: &T) -> anyhow::Result<()> {
     let value = serde_json::to_value(item)?;
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&value)?),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&value)?)?,
         OutputFormat::Table => {
             if let serde_json::Value::Object(fields) = value {
                 let width = fields.keys().map(String::len).max().unwrap_or(0);
@@ -633,7 +634,7 @@ pub fn print_item<T: Serialize>(format: OutputFormat, item: &T) -> anyhow::Resul
                         serde_json::Value::Null => "-".to_owned(),
                         other => other.to_string(),
                     };
-                    println!("{key:<width$}  {text}");
+                    outln!("{key:<width$}  {text}")?;
                 }
             }
         }

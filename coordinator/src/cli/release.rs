@@ -11,6 +11,7 @@ use rollwave_proto::v1 as pb;
 use rollwave_release::BuildOutput;
 use serde::Serialize;
 
+use super::console::outln;
 use super::git::Repository;
 use super::output::{OutputFormat, ReleaseView, print_item, print_list};
 use super::profile::{self, Environment, ProfileFlags, S3Flags};
@@ -20,7 +21,8 @@ const BUILD_HELP: &str = "\
 Examples:
   rollwave release build ./site --out site-1.4.2.zip
   rollwave release build --git-ref v1.4.2 --out site-1.4.2.zip
-  rollwave release build --git-ref 1a2b3c4 --repo ~/src/site --out site-1a2b3c4.zip
+  rollwave release build --git-ref 1a2b3c4 --repo ~/src/site \\
+      --out site-1a2b3c4.zip
 
 The same files always give the same bytes (and so the same sha256): entries
 are sorted, timestamps and owners dropped, and only the executable bit kept.
@@ -31,8 +33,10 @@ No coordinator is needed.";
 
 const PUSH_HELP: &str = "\
 Examples:
-  rollwave release push site-1.4.2.zip --bundle site --version 1.4.2 --bucket my-releases
-  ROLLWAVE_S3_BUCKET=my-releases rollwave release push chef.zip --bundle chef --version 7 --kind cookbook
+  rollwave release push site-1.4.2.zip --bundle site --version 1.4.2 \\
+      --bucket my-releases
+  ROLLWAVE_S3_BUCKET=my-releases rollwave release push chef.zip --bundle chef \\
+      --version 7 --kind cookbook
   rollwave release push site.zip --bundle site --version 1.4.2 --bucket dev \\
       --s3-endpoint http://127.0.0.1:9000 --s3-path-style
 
@@ -247,7 +251,7 @@ fn print_build(
                 git_commit,
                 git_tag,
             };
-            println!("{}", serde_json::to_string_pretty(&view)?);
+            outln!("{}", serde_json::to_string_pretty(&view)?)?;
         }
         OutputFormat::Table => {
             let from = match (&git_tag, &git_commit) {
@@ -256,13 +260,13 @@ fn print_build(
                 _ => String::new(),
             };
             let plural = if output.entries == 1 { "entry" } else { "entries" };
-            println!(
+            outln!(
                 "built {}{from}: {} {plural}, {} bytes\nsha256 {}",
                 out.display(),
                 output.entries,
                 output.size,
                 output.sha256
-            );
+            )?;
         }
     }
     Ok(())
@@ -438,7 +442,7 @@ fn print_push(
                 uploaded,
                 release,
             };
-            println!("{}", serde_json::to_string_pretty(&view)?);
+            outln!("{}", serde_json::to_string_pretty(&view)?)?;
         }
         OutputFormat::Table => {
             let location = match &release.object_version {
@@ -446,16 +450,17 @@ fn print_push(
                 None => format!("s3://{}/{} (unversioned bucket)", release.bucket, release.key),
             };
             if status == "registered" {
-                println!(
+                outln!(
                     "registered {name}: {location}, sha256 {}, {} bytes",
-                    release.sha256, release.size
-                );
+                    release.sha256,
+                    release.size
+                )?;
             } else {
                 let upload_note = if uploaded { "" } else { "; nothing uploaded" };
-                println!(
+                outln!(
                     "{name} is already registered with the same content (sha256 {}) at {location}{upload_note}",
                     release.sha256
-                );
+                )?;
             }
         }
     }

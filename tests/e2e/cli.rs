@@ -1,0 +1,154 @@
+//! The command lines as a first-time operator meets them: a closed pipe, logs in files, help
+//! text, usage errors and what table output looks like.
+
+use std::process::{Command, Output, Stdio};
+
+use rollwave_tests::{Cluster, Fleet, binary};
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Runs `command` with stdout a pipe whose reader has already gone away, as in `... | head -3`
+/// once head has read its lines.
+fn run_into_closed_pipe(mut command: Command) -> Output {
+    let (reader, writer) = std::io::pipe().expect("pipe");
+    drop(reader);
+    let child = command
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start the command");
+    // `command` still holds the write end; drop it so nothing but the child has it.
+    drop(command);
+    child.wait_with_output().expect("wait for the command")
+}
+
+fn assert_stopped_quietly(what: &str, output: &Output) {
+    let message = stderr(output);
+    assert_ne!(output.status.code(), Some(101), "{what} panicked: {message}");
+    assert!(!message.contains("panicked"), "{what}: {message}");
+    assert!(!message.contains("Broken pipe"), "{what}: {message}");
+    assert_eq!(
+        output.status.code(),
+        Some(141),
+        "{what} exits as SIGPIPE would: {message}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_stops_both_binaries_quietly_instead_of_panicking() {
+    let fleet = Fleet::start(1);
+    fleet.push("1.0");
+    let config = fleet.cluster.coordinator.data_dir().join("cli.toml");
+    let commands: [&[&str]; 4] = [
+        &["deploy", "web", "app@1.0", "--strategy", "all-at-once", "--plan", "-o", "json"],
+        &["deploy", "web", "app@1.0", "--strategy", "all-at-once", "--plan"],
+        &["event", "list", "-o", "json"],
+        &["stack", "list"],
+    ];
+    for args in commands {
+        let mut command = Command::new(binary("rollwave"));
+        command.arg("--config").arg(&config).args(args);
+        assert_stopped_quietly(&format!("rollwave {args:?}"), &run_into_closed_pipe(command));
+    }
+
+    let archive = fleet.work.path().join("app-1.0.zip");
+    let (sha256, _) = rollwave_release::hash_file(&archive).expect("hash the archive");
+    let root = fleet.work.path().join("agent-root");
+    let mut command = Command::new(binary("rollwave-agent"));
+    command
+        .args([
+            "install",
+            "--bundle",
+            "app",
+            "--version",
+            "1.0",
+            "--no-hooks",
+            "--sha256",
+        ])
+        .arg(sha256.to_hex())
+        .arg("--archive")
+        .arg(&archive)
+        .arg("--root")
+        .arg(&root);
+    let output = run_into_closed_pipe(command);
+    assert_stopped_quietly("rollwave-agent install", &output);
+    assert!(
+        root.join("releases/app/current").exists(),
+        "the install itself went through"
+    );
+}
+
+#[test]
+fn logs_written_to_files_carry_no_colour_codes() {
+    let cluster = Cluster::start(1);
+    let coordinator_log = cluster.coordinator.log_text();
+    let agent_log = cluster.agents[0].log_text();
+    assert!(coordinator_log.contains("INFO"), "{coordinator_log}");
+    assert!(agent_log.contains("INFO"), "{agent_log}");
+    for (name, log) in [("coordinator", coordinator_log), ("agent", agent_log)] {
+        assert!(
+            !log.contains('\x1b'),
+            "the {name}'s log file has ANSI escape codes: {log:?}"
+        );
+    }
+}
+
+#[test]
+fn server_help_lists_no_client_flags_and_refuses_them() {
+    let help = Command::new(binary("rollwave"))
+        .args(["server", "--help"])
+        .output()
+        .expect("run rollwave server --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(help.contains("--ca-cert"), "{help}");
+    for flag in ["--ca ", "--addr", "--token", "--config"] {
+        assert!(
+            !help.contains(flag),
+            "server --help lists the client flag {flag}: {help}"
+        );
+    }
+    for args in [
+        ["server", "--data-dir", "/nonexistent", "--ca", "ca.pem"],
+        ["--ca", "ca.pem", "server", "--data-dir", "/nonexistent"],
+    ] {
+        let output = Command::new(binary("rollwave"))
+            .args(args)
+            .output()
+            .expect("run rollwave");
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {}", stderr(&output));
+        assert!(stderr(&output).contains("--ca"), "{}", stderr(&output));
+    }
+    let client_help = Command::new(binary("rollwave"))
+        .args(["instance", "list", "--help"])
+        .output()
+        .expect("run rollwave instance list --help");
+    assert!(String::from_utf8_lossy(&client_help.stdout).contains("--ca <CA>"));
+}
+
+#[test]
+fn help_examples_stay_whole_in_a_narrow_terminal() {
+    let help = Command::new(binary("rollwave"))
+        .args(["release", "push", "--help"])
+        .env("COLUMNS", "50")
+        .output()
+        .expect("run rollwave release push --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains(
+            "\n  rollwave release push site-1.4.2.zip --bundle site --version 1.4.2 \\\n      --bucket my-releases\n"
+        ),
+        "{help}"
+    );
+    let help = Command::new(binary("rollwave-agent"))
+        .args(["install", "--help"])
+        .env("COLUMNS", "50")
+        .output()
+        .expect("run rollwave-agent install --help");
+    let help = String::from_utf8_lossy(&help.stdout);
+    assert!(
+        help.contains("\n  rollwave-agent install --archive web-1.4.zip --sha256 9f2c... --bundle web \\\n"),
+        "{help}"
+    );
+}
