@@ -329,8 +329,8 @@ async fn story(
     let token = client
         .create_token(pb::CreateTokenRequest {
             stack: STACK.into(),
-            ttl_seconds: 600,
-            uses: u32::try_from(args.agents)?,
+            ttl_seconds: Some(600),
+            uses: Some(u32::try_from(args.agents)?),
         })
         .await
         .map_err(status_error)?

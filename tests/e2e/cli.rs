@@ -96,6 +96,29 @@ fn logs_written_to_files_carry_no_colour_codes() {
 }
 
 #[test]
+fn token_create_refuses_zero_uses_and_a_zero_ttl_with_the_rule() {
+    let cluster = Cluster::start(0);
+    let coordinator = &cluster.coordinator;
+    for (args, rule) in [
+        (["--uses", "0"], "admits 1 to 100000 instances"),
+        (["--ttl", "0s"], "lives from 1s to 30days"),
+        (["--ttl", "500ms"], "lives from 1s to 30days"),
+    ] {
+        let mut all = vec!["token", "create", "--stack", "web"];
+        all.extend(args);
+        let output = coordinator.try_cli(&all);
+        assert_eq!(output.status.code(), Some(2), "a usage error: {}", stderr(&output));
+        assert!(stderr(&output).contains(rule), "{args:?}: {}", stderr(&output));
+    }
+    let tokens = coordinator.cli_json(&["token", "list"]);
+    assert_eq!(
+        tokens.as_array().map(Vec::len),
+        Some(0),
+        "nothing was created: {tokens}"
+    );
+}
+
+#[test]
 fn server_help_lists_no_client_flags_and_refuses_them() {
     let help = Command::new(binary("rollwave"))
         .args(["server", "--help"])

@@ -253,11 +253,11 @@ pub enum TokenCommand {
         /// Stack the joining instances belong to
         #[arg(long)]
         stack: String,
-        /// How long the token is valid
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        /// How long the token is valid: 1s to 30 days
+        #[arg(long, default_value = "1h", value_parser = parse_token_ttl)]
         ttl: Duration,
-        /// How many instances may join with it
-        #[arg(long, default_value_t = 1)]
+        /// How many instances may join with it: 1 to 100000
+        #[arg(long, default_value_t = 1, value_parser = parse_token_uses)]
         uses: u32,
     },
     /// List join tokens (never their secrets)
@@ -289,6 +289,22 @@ pub fn parse_command_line() -> Cli {
             .exit();
     }
     cli
+}
+
+/// `--ttl` of `token create`, refused on the command line by the coordinator's own rule.
+fn parse_token_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    crate::model::token_terms(Some(ttl), None).map_err(|error| error.to_string())?;
+    Ok(ttl)
+}
+
+/// `--uses` of `token create`, refused on the command line by the coordinator's own rule.
+fn parse_token_uses(text: &str) -> Result<u32, String> {
+    let uses = text
+        .parse()
+        .map_err(|error: std::num::ParseIntError| error.to_string())?;
+    crate::model::token_terms(None, Some(uses)).map_err(|error| error.to_string())?;
+    Ok(uses)
 }
 
 type AuthInterceptor = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
@@ -400,8 +416,8 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
             let created = client
                 .create_token(pb::CreateTokenRequest {
                     stack,
-                    ttl_seconds: ttl.as_secs().max(1),
-                    uses,
+                    ttl_seconds: Some(ttl.as_secs()),
+                    uses: Some(uses),
                 })
                 .await
                 .map_err(call_error)?
