@@ -82,6 +82,57 @@ fn touch_all(dir: &Path, when: SystemTime) {
 }
 
 #[test]
+fn a_directory_build_leaves_out_git_and_rollwaveignored_secrets_and_says_so() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let source = temp.path().join("site");
+    write_tree(&source, "one");
+    let clean = build_dir(&source, &temp.path().join("clean.zip"));
+    for (path, contents) in [
+        (
+            ".git/config",
+            "[remote \"origin\"]\n\turl = https://user:token@example.com/site.git\n",
+        ),
+        (".env", "DB_PASSWORD=secret\n"),
+        (".rollwaveignore", ".env\n"),
+    ] {
+        let full = source.join(path);
+        std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+        std::fs::write(full, contents).expect("write");
+    }
+    let built = build_dir(&source, &temp.path().join("built.zip"));
+    assert_eq!(
+        built["left_out"],
+        serde_json::json!([
+            { "path": ".env", "reason": ".rollwaveignore: .env" },
+            { "path": ".git/", "reason": "version control" },
+        ]),
+        "{built}"
+    );
+    assert_eq!(
+        built["entries"].as_u64(),
+        clean["entries"].as_u64().map(|entries| entries + 1),
+        "only .rollwaveignore itself is added: {built}"
+    );
+    let archive = std::fs::read(temp.path().join("built.zip")).expect("archive");
+    assert!(
+        !archive.windows(b"token@".len()).any(|window| window == b"token@")
+            && !archive.windows(b".git/".len()).any(|window| window == b".git/"),
+        "the archive carries .git"
+    );
+    let table = offline(&[
+        "release",
+        "build",
+        path_str(&source),
+        "--out",
+        path_str(&temp.path().join("table.zip")),
+    ]);
+    assert!(
+        table.contains("left out (not in the archive):\n  .env   .rollwaveignore: .env\n  .git/  version control\n"),
+        "{table}"
+    );
+}
+
+#[test]
 fn building_the_same_directory_gives_the_same_bytes_without_a_coordinator() {
     let temp = tempfile::tempdir().expect("temp dir");
     let source = temp.path().join("site");

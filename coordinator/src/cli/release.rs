@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
 use rollwave_artifacts::BucketVersioning;
 use rollwave_proto::v1 as pb;
-use rollwave_release::BuildOutput;
+use rollwave_release::{BuildOutput, LeftOut};
 use serde::Serialize;
 
 use super::console::outln;
@@ -26,6 +26,10 @@ Examples:
 
 The same files always give the same bytes (and so the same sha256): entries
 are sorted, timestamps and owners dropped, and only the executable bit kept.
+Version-control directories (.git, .hg, .svn) are left out, and so is what a
+.rollwaveignore at the root names (gitignore syntax, such as *.env or
+/secrets/; a !pattern takes something back in); the build lists what it left
+out.
 A rollwave.toml or appspec.yml at the root is validated now, not at deploy
 time. With --git-ref the files come from the commit's tree (not the working
 copy): give a tag or a commit id; a branch is refused because it moves.
@@ -162,6 +166,18 @@ struct BuildView {
     git_commit: Option<String>,
     /// The tag's full name, for builds from a Git tag.
     git_tag: Option<String>,
+    /// What the tree held that the archive does not: version-control directories and what
+    /// `.rollwaveignore` names.
+    left_out: Vec<LeftOutView>,
+}
+
+/// An entry `release build` left out (with everything under it, for a directory).
+#[derive(Debug, Serialize)]
+struct LeftOutView {
+    /// The path in the tree; a directory's ends with `/`.
+    path: String,
+    /// "version control", or ".rollwaveignore: PATTERN".
+    reason: String,
 }
 
 /// The JSON of `release push`.
@@ -250,6 +266,14 @@ fn print_build(
                 entries: output.entries,
                 git_commit,
                 git_tag,
+                left_out: output
+                    .left_out
+                    .iter()
+                    .map(|left| LeftOutView {
+                        path: left_out_path(left),
+                        reason: left.reason.clone(),
+                    })
+                    .collect(),
             };
             outln!("{}", serde_json::to_string_pretty(&view)?)?;
         }
@@ -267,9 +291,30 @@ fn print_build(
                 output.size,
                 output.sha256
             )?;
+            if !output.left_out.is_empty() {
+                let width = output
+                    .left_out
+                    .iter()
+                    .map(|left| left_out_path(left).len())
+                    .max()
+                    .unwrap_or(0);
+                outln!("left out (not in the archive):")?;
+                for left in &output.left_out {
+                    outln!("  {:<width$}  {}", left_out_path(left), left.reason)?;
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// A left-out path as shown: a directory's with a trailing `/`.
+fn left_out_path(left: &LeftOut) -> String {
+    if left.is_dir {
+        format!("{}/", left.path)
+    } else {
+        left.path.clone()
+    }
 }
 
 /// An archive written inside the directory it archives would end up in the next build.
