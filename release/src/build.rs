@@ -70,12 +70,14 @@ pub struct BuildOutput {
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// Reading the source tree failed.
-    #[error("read {path}: {source}")]
+    // Each I/O error below is part of its message and deliberately not `source()`, which would
+    // print it twice in a chain (`{:#}`).
+    #[error("read {path}: {error}")]
     ReadSource {
         /// The file or directory being read.
         path: PathBuf,
         /// The underlying I/O error.
-        source: io::Error,
+        error: io::Error,
     },
     /// A file name in the source tree is not UTF-8.
     #[error("{path}: file names must be UTF-8")]
@@ -105,13 +107,10 @@ pub enum BuildError {
         /// What is wrong.
         reason: String,
     },
-    /// The bundle's manifest is invalid.
-    #[error("invalid manifest: {source}")]
-    ValidateManifest {
-        /// The manifest problem, naming the file.
-        #[from]
-        source: ManifestError,
-    },
+    /// The bundle's manifest is invalid. The problem is part of the message and deliberately
+    /// not `source()`: printed as a chain (`{:#}`), it would otherwise appear twice.
+    #[error("invalid manifest: {0}")]
+    ValidateManifest(ManifestError),
     /// A manifest file is not UTF-8 or is larger than 1 MiB.
     #[error("{path}: manifest files must be UTF-8 text of at most 1 MiB")]
     ReadManifest {
@@ -122,13 +121,19 @@ pub enum BuildError {
     #[error("{0}; fix the pattern (gitignore syntax)")]
     ParseIgnoreFile(IgnoreFileError),
     /// Writing the archive failed.
-    #[error("write archive {path}: {source}")]
+    #[error("write archive {path}: {error}")]
     WriteArchive {
         /// The archive being written (its temporary name).
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        error: io::Error,
     },
+}
+
+impl From<ManifestError> for BuildError {
+    fn from(error: ManifestError) -> Self {
+        BuildError::ValidateManifest(error)
+    }
 }
 
 /// Where an entry's contents come from.
@@ -154,9 +159,9 @@ pub fn build_from_dir(dir: &Path, out_file: &Path) -> Result<BuildOutput, BuildE
     let ignore_text = match fs::symlink_metadata(&ignore_path) {
         Ok(metadata) if metadata.is_file() => {
             Some(
-                fs::read_to_string(&ignore_path).map_err(|source| BuildError::ReadSource {
+                fs::read_to_string(&ignore_path).map_err(|error| BuildError::ReadSource {
                     path: ignore_path.clone(),
-                    source,
+                    error,
                 })?,
             )
         }
@@ -260,7 +265,7 @@ fn walk(
 ) -> Result<(), BuildError> {
     let read_error = |path: &Path| {
         let path = path.to_owned();
-        move |source| BuildError::ReadSource { path, source }
+        move |error| BuildError::ReadSource { path, error }
     };
     for dir_entry in fs::read_dir(dir).map_err(read_error(dir))? {
         let dir_entry = dir_entry.map_err(read_error(dir))?;
@@ -331,11 +336,11 @@ fn write_archive(
     let result = write_temporary(&entries, &temp_path).and_then(|()| {
         let (sha256, size) = hash_file(&temp_path).map_err(|error| BuildError::WriteArchive {
             path: temp_path.clone(),
-            source: io::Error::other(error.to_string()),
+            error: io::Error::other(error.to_string()),
         })?;
-        fs::rename(&temp_path, out_file).map_err(|source| BuildError::WriteArchive {
+        fs::rename(&temp_path, out_file).map_err(|error| BuildError::WriteArchive {
             path: out_file.to_owned(),
-            source,
+            error,
         })?;
         sync_parent(out_file)?;
         Ok(BuildOutput {
@@ -395,16 +400,16 @@ fn read_manifest(entry: &PlannedEntry) -> Result<String, BuildError> {
     let bytes = match &entry.contents {
         Contents::Bytes(bytes) => bytes.clone(),
         Contents::File(source_path) => {
-            let file = File::open(source_path).map_err(|source| BuildError::ReadSource {
+            let file = File::open(source_path).map_err(|error| BuildError::ReadSource {
                 path: source_path.clone(),
-                source,
+                error,
             })?;
             let mut bytes = Vec::new();
             file.take(MAX_MANIFEST_BYTES + 1)
                 .read_to_end(&mut bytes)
-                .map_err(|source| BuildError::ReadSource {
+                .map_err(|error| BuildError::ReadSource {
                     path: source_path.clone(),
-                    source,
+                    error,
                 })?;
             bytes
         }
@@ -453,13 +458,13 @@ fn temporary_path(out_file: &Path) -> PathBuf {
 }
 
 fn write_temporary(entries: &[PlannedEntry], temp_path: &Path) -> Result<(), BuildError> {
-    let write_error = |source| BuildError::WriteArchive {
+    let write_error = |error| BuildError::WriteArchive {
         path: temp_path.to_owned(),
-        source,
+        error,
     };
     let zip_error = |error: zip::result::ZipError| BuildError::WriteArchive {
         path: temp_path.to_owned(),
-        source: io::Error::other(error.to_string()),
+        error: io::Error::other(error.to_string()),
     };
     // A stale temporary file from a crashed build with our pid is replaced.
     let _ = fs::remove_file(temp_path);
@@ -492,9 +497,9 @@ fn write_temporary(entries: &[PlannedEntry], temp_path: &Path) -> Result<(), Bui
                 let size = match &entry.contents {
                     Contents::Bytes(bytes) => bytes.len() as u64,
                     Contents::File(source_path) => fs::metadata(source_path)
-                        .map_err(|source| BuildError::ReadSource {
+                        .map_err(|error| BuildError::ReadSource {
                             path: source_path.clone(),
-                            source,
+                            error,
                         })?
                         .len(),
                     Contents::None => 0,
@@ -523,9 +528,9 @@ fn write_temporary(entries: &[PlannedEntry], temp_path: &Path) -> Result<(), Bui
 }
 
 fn copy_file(source_path: &Path, out: &mut impl Write, buffer: &mut [u8]) -> Result<(), BuildError> {
-    let read_error = |source| BuildError::ReadSource {
+    let read_error = |error| BuildError::ReadSource {
         path: source_path.to_owned(),
-        source,
+        error,
     };
     let mut file = File::open(source_path).map_err(read_error)?;
     loop {
@@ -536,9 +541,9 @@ fn copy_file(source_path: &Path, out: &mut impl Write, buffer: &mut [u8]) -> Res
             Err(error) => return Err(read_error(error)),
         };
         out.write_all(&buffer[..read])
-            .map_err(|source| BuildError::WriteArchive {
+            .map_err(|error| BuildError::WriteArchive {
                 path: source_path.to_owned(),
-                source,
+                error,
             })?;
     }
 }
@@ -551,9 +556,9 @@ fn sync_parent(out_file: &Path) -> Result<(), BuildError> {
     };
     File::open(parent)
         .and_then(|dir| dir.sync_all())
-        .map_err(|source| BuildError::WriteArchive {
+        .map_err(|error| BuildError::WriteArchive {
             path: parent.to_owned(),
-            source,
+            error,
         })
 }
 

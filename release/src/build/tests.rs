@@ -354,3 +354,41 @@ fn an_invalid_rollwaveignore_pattern_is_refused_with_its_line() {
         ".rollwaveignore line 2:",
     );
 }
+
+/// The error and its sources, as `anyhow`'s `{:#}` prints them.
+fn chain(error: &BuildError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+#[test]
+fn an_appspec_refusal_is_told_once() {
+    let work = tempfile::tempdir().expect("tempdir");
+    for (appspec, problem) in [
+        ("version: 0.0\nos: windows\n", "os \"windows\" is not supported"),
+        (
+            "version: 0.0\nos: linux\nhooks:\n  ApplicationStart: [\n",
+            "did not find expected node content",
+        ),
+        (
+            "version: 0.0\nos: linux\nhooks:\n  ApplicationStart:\n    - location: gone.sh\n",
+            "\"gone.sh\" is not a regular file",
+        ),
+    ] {
+        let tree = work.path().join("tree");
+        let _ = fs::remove_dir_all(&tree);
+        fs::create_dir_all(&tree).expect("mkdir");
+        fs::write(tree.join("appspec.yml"), appspec).expect("write");
+        let error = build_from_dir(&tree, &work.path().join("out.zip")).expect_err("refused");
+        let text = chain(&error);
+        assert_eq!(text.matches(problem).count(), 1, "{text}");
+        assert!(text.starts_with("invalid manifest: appspec.yml: "), "{text}");
+    }
+    let error = build_from_dir(&work.path().join("missing"), &work.path().join("out.zip")).expect_err("no tree");
+    assert_eq!(chain(&error).matches("No such file").count(), 1, "{}", chain(&error));
+}
