@@ -332,6 +332,22 @@ pub struct Event {
     pub target: String,
     pub outcome: String,
     pub detail: String,
+    /// The stack the event concerns, "" for none; derived from the target when recorded.
+    pub stack: String,
+    /// The instance the event concerns, "" for none; derived from the target when recorded.
+    pub instance: String,
+}
+
+/// Which audit events to list: each set field must match; the newest `limit` of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    pub stack: Option<String>,
+    pub instance: Option<String>,
+    /// The actor: an operator's name, "coordinator", "agent" or "instance:ID".
+    pub actor: Option<String>,
+    /// Only events at or after this time.
+    pub since_ms: Option<i64>,
+    pub limit: u32,
 }
 
 #[cfg(test)]

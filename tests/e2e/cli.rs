@@ -42,7 +42,16 @@ fn a_closed_stdout_stops_both_binaries_quietly_instead_of_panicking() {
     fleet.push("1.0");
     let config = fleet.cluster.coordinator.data_dir().join("cli.toml");
     let commands: [&[&str]; 4] = [
-        &["deploy", "web", "app@1.0", "--strategy", "all-at-once", "--plan", "-o", "json"],
+        &[
+            "deploy",
+            "web",
+            "app@1.0",
+            "--strategy",
+            "all-at-once",
+            "--plan",
+            "-o",
+            "json",
+        ],
         &["deploy", "web", "app@1.0", "--strategy", "all-at-once", "--plan"],
         &["event", "list", "-o", "json"],
         &["stack", "list"],
@@ -174,4 +183,48 @@ fn help_examples_stay_whole_in_a_narrow_terminal() {
         help.contains("\n  rollwave-agent install --archive web-1.4.zip --sha256 9f2c... --bundle web \\\n"),
         "{help}"
     );
+}
+
+#[test]
+fn event_list_filters_by_stack_instance_operator_and_time() {
+    let cluster = Cluster::start(1);
+    let coordinator = &cluster.coordinator;
+    coordinator.create_stack("batch");
+    let instance = cluster.agents[0].identity()["instance_id"]
+        .as_str()
+        .expect("instance id")
+        .to_owned();
+    let actions = |args: &[&str]| -> Vec<String> {
+        let mut all = vec!["event", "list"];
+        all.extend(args);
+        let events = coordinator.cli_json(&all);
+        events
+            .as_array()
+            .expect("a list")
+            .iter()
+            .map(|event| {
+                format!(
+                    "{} {}",
+                    event["action"].as_str().unwrap_or("?"),
+                    event["target"].as_str().unwrap_or("?")
+                )
+            })
+            .collect()
+    };
+    assert_eq!(actions(&["--stack", "batch"]), ["stack.create batch"]);
+    let web = actions(&["--stack", "web"]);
+    assert!(web.contains(&format!("instance.join {instance}")), "{web:?}");
+    assert!(!web.iter().any(|event| event.ends_with("batch")), "{web:?}");
+    assert_eq!(
+        actions(&["--instance", &instance]),
+        [format!("instance.join {instance}")]
+    );
+    let by_admin = actions(&["--operator", "admin"]);
+    assert!(by_admin.contains(&"stack.create batch".to_owned()), "{by_admin:?}");
+    assert!(
+        !by_admin.iter().any(|event| event.starts_with("instance.join")),
+        "{by_admin:?}"
+    );
+    assert_eq!(actions(&["--since", "2999-01-01T00:00:00Z"]), Vec::<String>::new());
+    assert_eq!(actions(&["--stack", "batch", "--since", "1h"]), ["stack.create batch"]);
 }

@@ -157,18 +157,24 @@ the running deployment, and every instance that differs: drift (runs another
 version), pinned, deploying, missing (runs none), or unhealthy (with its health
 check's detail and since when). --output json lists every instance.
 
+Without a stack, one line per stack and bundle, with how many instances differ.
+
 Examples:
+  rollwave status
   rollwave status web
   rollwave status web --all
   rollwave status web --output json";
 
 const EVENT_HELP: &str = "\
-Every operator action and every deployment outcome: the newest --limit events,
-oldest first, like the tail of a log.
+Every operator action and every deployment outcome: the newest --limit events
+that pass the filters, oldest first, like the tail of a log. The coordinator
+filters; each filter given must match.
 
 Examples:
   rollwave event list
-  rollwave event list --limit 500 --output json";
+  rollwave event list --stack web --since 2h
+  rollwave event list --instance i-0a1b2c --since 2026-12-06T03:00:00Z
+  rollwave event list --operator alice --limit 500 --output json";
 
 /// A release named on the command line: `BUNDLE@VERSION`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -385,7 +391,31 @@ pub enum EventCommand {
         /// How many events, at most
         #[arg(long, default_value_t = DEFAULT_EVENT_LIMIT)]
         limit: u32,
+        /// Only events about this stack (its instances, deployments, tokens, pins, traffic)
+        #[arg(long)]
+        stack: Option<String>,
+        /// Only events about this instance
+        #[arg(long, value_name = "ID")]
+        instance: Option<String>,
+        /// Only what this operator did
+        #[arg(long, value_name = "NAME")]
+        operator: Option<String>,
+        /// Only events since then: a duration back from now (30m, 2h, 7days) or an RFC 3339 time
+        #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+        since: Option<SystemTime>,
     },
+}
+
+/// `--since`: "2h" means two hours ago; "2026-12-06T03:00:00Z" (or without the zone, UTC) that time.
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{text} ago is before the start of time"));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!("{text:?} is neither a duration (such as 30m or 2h) nor a time (such as 2026-12-06T03:00:00Z)")
+    })
 }
 
 /// The JSON of `pin`.
@@ -1625,9 +1655,50 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
         match parse(&["event", "list"]).expect("event list").command {
-            Command::Event(EventCommand::List { limit }) => assert_eq!(limit, 50),
+            Command::Event(EventCommand::List { limit, .. }) => assert_eq!(limit, 50),
             other => panic!("parsed as {other:?}"),
         }
+        let args = [
+            "event",
+            "list",
+            "--stack",
+            "web",
+            "--instance",
+            "i-1",
+            "--operator",
+            "alice",
+            "--since",
+            "2h",
+        ];
+        match parse(&args).expect("event list with filters").command {
+            Command::Event(EventCommand::List {
+                stack,
+                instance,
+                operator,
+                since,
+                ..
+            }) => {
+                assert_eq!(
+                    (stack.as_deref(), instance.as_deref(), operator.as_deref()),
+                    (Some("web"), Some("i-1"), Some("alice"))
+                );
+                let ago = SystemTime::now()
+                    .duration_since(since.expect("since"))
+                    .expect("in the past");
+                assert!(
+                    ago >= Duration::from_secs(7200) && ago < Duration::from_secs(7300),
+                    "{ago:?}"
+                );
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let at = parse(&["event", "list", "--since", "2026-12-06T03:00:00Z"]).expect("a time");
+        assert!(matches!(
+            at.command,
+            Command::Event(EventCommand::List { since: Some(_), .. })
+        ));
+        let refused = parse(&["event", "list", "--since", "yesterday"]).expect_err("not a time");
+        assert!(refused.to_string().contains("neither a duration"), "{refused}");
     }
 
     fn instance(id: &str, state: &str, detail: Option<&str>) -> DeploymentInstanceView {

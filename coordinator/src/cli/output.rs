@@ -556,6 +556,10 @@ pub struct EventView {
     pub target: String,
     pub outcome: String,
     pub detail: String,
+    /// The stack the event concerns; `null` for none.
+    pub stack: Option<String>,
+    /// The instance the event concerns; `null` for none.
+    pub instance: Option<String>,
 }
 
 impl From<pb::AuditEvent> for EventView {
@@ -567,6 +571,8 @@ impl From<pb::AuditEvent> for EventView {
             target: event.target,
             outcome: event.outcome,
             detail: event.detail,
+            stack: non_empty(event.stack),
+            instance: non_empty(event.instance),
         }
     }
 }

@@ -506,8 +506,9 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        let limit = request.into_inner().limit;
-        Ok(Response::new(deployments::list_events(&self.shared, limit).await?))
+        Ok(Response::new(
+            deployments::list_events(&self.shared, request.into_inner()).await?,
+        ))
     }
 
     async fn set_traffic(&self, request: Request<pb::SetTrafficRequest>) -> Result<Response<pb::StackTraffic>, Status> {
