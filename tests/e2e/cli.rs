@@ -228,3 +228,18 @@ fn event_list_filters_by_stack_instance_operator_and_time() {
     assert_eq!(actions(&["--since", "2999-01-01T00:00:00Z"]), Vec::<String>::new());
     assert_eq!(actions(&["--stack", "batch", "--since", "1h"]), ["stack.create batch"]);
 }
+
+#[test]
+fn instance_show_prints_no_raw_json_in_table_mode() {
+    let cluster = Cluster::start(1);
+    let instance = cluster.agents[0].identity()["instance_id"]
+        .as_str()
+        .expect("instance id")
+        .to_owned();
+    let shown = cluster.coordinator.cli(&["instance", "show", &instance]);
+    assert!(shown.contains(&format!("id ")), "{shown}");
+    assert!(
+        !shown.contains(['{', '[', '"']),
+        "raw JSON in `instance show`:\n{shown}"
+    );
+}
