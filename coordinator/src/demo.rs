@@ -425,7 +425,7 @@ async fn story(
     deploy::status(
         &mut client,
         StatusArgs {
-            stack: STACK.into(),
+            stack: Some(STACK.into()),
             all: true,
         },
         OutputFormat::Table,

@@ -230,6 +230,22 @@ fn event_list_filters_by_stack_instance_operator_and_time() {
 }
 
 #[test]
+fn status_without_a_stack_shows_every_stack() {
+    let cluster = Cluster::start(0);
+    cluster.coordinator.create_stack("batch");
+    let overview = cluster.coordinator.cli(&["status"]);
+    assert!(overview.contains("web\n") && overview.contains("batch\n"), "{overview}");
+    let statuses = cluster.coordinator.cli_json(&["status"]);
+    let stacks: Vec<&str> = statuses
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|status| status["stack"].as_str())
+        .collect();
+    assert!(stacks.contains(&"web") && stacks.contains(&"batch"), "{statuses}");
+}
+
+#[test]
 fn instance_show_prints_no_raw_json_in_table_mode() {
     let cluster = Cluster::start(1);
     let instance = cluster.agents[0].identity()["instance_id"]

@@ -376,8 +376,8 @@ pub struct UnpinArgs {
 #[derive(Debug, Args)]
 #[command(after_help = STATUS_HELP)]
 pub struct StatusArgs {
-    /// The stack
-    pub stack: String,
+    /// The stack [default: an overview of every stack]
+    pub stack: Option<String>,
     /// List every instance, not only those that differ
     #[arg(long)]
     pub all: bool,
@@ -710,11 +710,14 @@ pub async fn unpin(client: &mut OperatorClient, args: UnpinArgs, format: OutputF
     }
 }
 
-/// `rollwave status STACK`.
+/// `rollwave status [STACK]`.
 pub async fn status(client: &mut OperatorClient, args: StatusArgs, format: OutputFormat) -> anyhow::Result<()> {
+    let Some(stack) = args.stack else {
+        return overview(client, format).await;
+    };
     let status = StackStatusView::from(
         client
-            .get_stack_status(pb::GetStackStatusRequest { stack: args.stack })
+            .get_stack_status(pb::GetStackStatusRequest { stack })
             .await
             .map_err(call_error)?
             .into_inner(),
@@ -728,12 +731,79 @@ pub async fn status(client: &mut OperatorClient, args: StatusArgs, format: Outpu
     }
 }
 
+/// `rollwave status` without a stack: every stack, a line per bundle.
+async fn overview(client: &mut OperatorClient, format: OutputFormat) -> anyhow::Result<()> {
+    let stacks = client
+        .list_stacks(pb::ListStacksRequest {})
+        .await
+        .map_err(call_error)?
+        .into_inner()
+        .stacks;
+    let mut statuses = Vec::with_capacity(stacks.len());
+    for stack in stacks {
+        let status = client
+            .get_stack_status(pb::GetStackStatusRequest { stack: stack.name })
+            .await
+            .map_err(call_error)?
+            .into_inner();
+        statuses.push(StackStatusView::from(status));
+    }
+    match format {
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&statuses)?),
+        OutputFormat::Table => out!("{}", render_overview(&statuses)),
+    }
+}
+
+/// Every stack in a few lines: its bundles and how many instances differ, for `status` without a stack.
+fn render_overview(statuses: &[StackStatusView]) -> String {
+    if statuses.is_empty() {
+        return "no stacks yet: create one with `rollwave stack create NAME`\n".to_owned();
+    }
+    let mut out = String::new();
+    for status in statuses {
+        let _ = writeln!(out, "{}", status.stack);
+        if status.bundles.is_empty() {
+            out.push_str("  no bundle is approved or running yet\n");
+        }
+        for bundle in &status.bundles {
+            let differing = bundle.instances.iter().filter(|instance| instance.differs()).count();
+            let differ = match differing {
+                0 => String::new(),
+                1 => "; 1 differs".to_owned(),
+                count => format!("; {count} differ"),
+            };
+            let _ = writeln!(out, "  {}{differ}", bundle_line(bundle));
+        }
+        if !status.out_of_service.is_empty() {
+            let _ = writeln!(
+                out,
+                "  out of the load balancer: {}",
+                count_of(status.out_of_service.len(), "instance", "instances")
+            );
+        }
+    }
+    out.push_str("\nper instance: rollwave status STACK\n");
+    out
+}
+
 /// `rollwave event list`.
 pub async fn event(client: &mut OperatorClient, command: EventCommand, format: OutputFormat) -> anyhow::Result<()> {
     match command {
-        EventCommand::List { limit } => {
+        EventCommand::List {
+            limit,
+            stack,
+            instance,
+            operator,
+            since,
+        } => {
             let events = client
-                .list_events(pb::ListEventsRequest { limit })
+                .list_events(pb::ListEventsRequest {
+                    limit,
+                    stack: stack.unwrap_or_default(),
+                    instance: instance.unwrap_or_default(),
+                    actor: operator.unwrap_or_default(),
+                    since_unix_ms: since.map(crate::model::unix_ms).unwrap_or_default(),
+                })
                 .await
                 .map_err(call_error)?
                 .into_inner()
@@ -2104,5 +2174,42 @@ mod tests {
               i-3: left drained: the switch back failed (application_start exited 1) (deployment d-1)
         "#]]
         .assert_eq(&render_status(&status, false, now));
+    }
+
+    #[test]
+    fn status_without_a_stack_shows_every_stack() {
+        let web = StackStatusView {
+            stack: "web".into(),
+            out_of_service: Vec::new(),
+            bundles: vec![BundleStatusView {
+                bundle: "site".into(),
+                approved_version: Some("2.0".into()),
+                running: [("2.0".to_owned(), 2), ("1.0".to_owned(), 1)].into_iter().collect(),
+                deployment_id: None,
+                instances: vec![
+                    instance_status("i-1", "2.0", "ok", "", true),
+                    instance_status("i-2", "2.0", "ok", "", true),
+                    instance_status("i-3", "1.0", "drift", "runs 1.0", true),
+                ],
+            }],
+        };
+        let batch = StackStatusView {
+            stack: "batch".into(),
+            out_of_service: Vec::new(),
+            bundles: Vec::new(),
+        };
+        expect![[r#"
+            web
+              site: approved 2.0; running 2.0 ×2, 1.0 ×1; 1 differs
+            batch
+              no bundle is approved or running yet
+
+            per instance: rollwave status STACK
+        "#]]
+        .assert_eq(&render_overview(&[web, batch]));
+        match parse(&["status"]).expect("status without a stack").command {
+            Command::Status(args) => assert_eq!(args.stack, None),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 }
