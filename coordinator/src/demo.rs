@@ -899,7 +899,10 @@ impl Fleet {
                 .or(members.first())
                 .map(|member| member.command.as_str())
                 .unwrap_or_default();
-            console::noteln!("  process group {group} ({} processes): {leader}", members.len());
+            console::noteln!(
+                "  process group {group} ({}): {leader}",
+                count_of(members.len(), "process", "processes")
+            );
             let _ = killpg(Pid::from_raw(*group), Signal::SIGKILL);
         }
         (stopped_agents, apps.len())
