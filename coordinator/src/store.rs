@@ -734,6 +734,21 @@ mod tests {
         (dir, store)
     }
 
+    /// A store with stack `web`, join token `tok1` (2 uses) and instance `i-1` joined with it.
+    async fn open_with_instance() -> (tempfile::TempDir, Store) {
+        let (dir, store) = open().await;
+        store.create_stack("web", Stage::Dev, 1).await.expect("stack");
+        store
+            .create_token(&token("web", 2, 1_000), "admin")
+            .await
+            .expect("token");
+        store
+            .join_instance("tok1", "i-1", "web", &InstanceFacts::default(), &certificate("aa"), 5)
+            .await
+            .expect("join");
+        (dir, store)
+    }
+
     fn token(stack: &str, uses: u32, expires_at_ms: i64) -> JoinTokenRecord {
         JoinTokenRecord {
             id: "tok1".into(),
@@ -757,17 +772,8 @@ mod tests {
 
     #[tokio::test]
     async fn events_are_filtered_by_stack_instance_actor_and_time_in_the_query() {
-        let (_dir, store) = open().await;
-        store.create_stack("web", Stage::Dev, 1).await.expect("stack");
+        let (_dir, store) = open_with_instance().await;
         store.create_stack("batch", Stage::Dev, 1).await.expect("stack");
-        store
-            .create_token(&token("web", 1, 1_000), "admin")
-            .await
-            .expect("token");
-        store
-            .join_instance("tok1", "i-1", "web", &InstanceFacts::default(), &certificate("aa"), 5)
-            .await
-            .expect("join");
         let event = |at_ms: i64, actor: &str, action: &str, target: &str| Event {
             at_ms,
             actor: actor.into(),
@@ -888,16 +894,7 @@ mod tests {
 
     #[tokio::test]
     async fn removing_an_instance_removes_its_certificates() {
-        let (_dir, store) = open().await;
-        store.create_stack("web", Stage::Dev, 1).await.expect("stack");
-        store
-            .create_token(&token("web", 2, 1_000), "admin")
-            .await
-            .expect("token");
-        store
-            .join_instance("tok1", "i-1", "web", &InstanceFacts::default(), &certificate("aa"), 5)
-            .await
-            .expect("join");
+        let (_dir, store) = open_with_instance().await;
         store.remove_instance("i-1").await.expect("remove");
         assert!(store.list_certificates().await.expect("certs").is_empty());
         assert!(matches!(
