@@ -2,10 +2,11 @@
 //! SIGTERM, maps the outcome to an exit code (0 ok, 1 failure, 2 usage,
 //! 64 bad configuration).
 
+use std::io::{IsTerminal as _, Write as _};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use rollwave_agent::config::{AgentConfig, DEFAULT_CONFIG_PATH};
 use rollwave_agent::install::Goal;
 use rollwave_agent::installer::{InstallOutcome, InstallRequest, InstallSettings, Installer};
@@ -15,15 +16,19 @@ use rollwave_agent::lock::StateDirLock;
 use rollwave_artifacts::{InstanceMetadata, S3Settings};
 
 const EXIT_CONFIG: u8 = 64;
+/// Exit code when stdout's reader went away (`rollwave-agent ... | head`): 128 + SIGPIPE, what the
+/// shell reports for a program SIGPIPE ended, so a pipeline with `pipefail` still sees the cut.
+const EXIT_STDOUT_CLOSED: u8 = 141;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "rollwave-agent",
     version,
     about = "The Rollwave agent: joins the coordinator and keeps this instance on its approved releases",
-    long_about = "The Rollwave agent runs on every instance (as the systemd service rollwave-agent).\n\
-        On first start it joins the coordinator with the join_token from its config; afterwards its\n\
-        certificate (under tls_dir) identifies it and the token is no longer needed.\n\n\
+    long_about = "The Rollwave agent runs on every instance (the systemd service rollwave-agent).\n\
+        On first start it joins the coordinator with the join_token from its config;\n\
+        afterwards its certificate (under tls_dir) identifies it and the token is no\n\
+        longer needed.\n\n\
         Exit codes: 0 ok, 1 failure, 2 usage error, 64 bad configuration."
 )]
 struct Cli {
@@ -54,29 +59,35 @@ enum Command {
 }
 
 const INSTALL_HELP: &str = "\
-The same pipeline the agent runs for a deployment: verify the sha256 before anything is
-unpacked, unpack safely into staging, run before_install and after_install, stop the running
-release (application_stop), switch `current` atomically, then application_start,
-validate_service and the health checks. A failure before the switch leaves `current` as it
-was; a failure after it switches back. Every step is journaled under ROOT/state/journal, so an
-install interrupted by a crash is finished or rolled back by the next run.
+The same pipeline the agent runs for a deployment: verify the sha256 before
+anything is unpacked, unpack safely into staging, run before_install and
+after_install, stop the running release (application_stop), switch `current`
+atomically, then application_start, validate_service and the health checks. A
+failure before the switch leaves `current` as it was; a failure after it
+switches back. Every step is journaled under ROOT/state/journal, so an install
+interrupted by a crash is finished or rolled back by the next run.
 
-It takes the agent's lock on ROOT: it refuses while an agent runs on that state dir.
-Installing the same bundle, version and sha256 again does nothing and exits 0.
+It takes the agent's lock on ROOT: it refuses while an agent runs on that state
+dir. Installing the same bundle, version and sha256 again does nothing and
+exits 0.
 
 Examples:
-  rollwave-agent install --archive web-1.4.zip --sha256 9f2c... --bundle web --version 1.4
-  rollwave-agent install --s3-url s3://releases/releases/web/1.4.zip --s3-version-id 3HL4kq... \\
+  rollwave-agent install --archive web-1.4.zip --sha256 9f2c... --bundle web \\
+      --version 1.4
+  rollwave-agent install --s3-url s3://releases/releases/web/1.4.zip \\
+      --s3-version-id 3HL4kq... \\
       --size 52428800 --sha256 9f2c... --bundle web --version 1.4
 
-Exit codes: 0 installed (or nothing to do), 1 refused or failed (one line on stderr), 2 usage.";
+Exit codes: 0 installed (or nothing to do), 1 refused or failed (one line on
+stderr), 2 usage.";
 
 const ROLLBACK_HELP: &str = "\
-For when the coordinator is unreachable: switches ROOT/releases/BUNDLE/current back to the
-release that was current before it (no download; it is still on disk), running the usual
-application_stop, application_start and validate_service hooks and the health checks. Once the
-agent is connected again, the coordinator's desired state applies again: to keep the old
-release, roll back with `rollwave rollback STACK BUNDLE` as well.
+For when the coordinator is unreachable: switches ROOT/releases/BUNDLE/current
+back to the release that was current before it (no download; it is still on
+disk), running the usual application_stop, application_start and
+validate_service hooks and the health checks. Once the agent is connected again,
+the coordinator's desired state applies again: to keep the old release, roll
+back with `rollwave rollback STACK BUNDLE` as well.
 
 Rolling back again steps further back (2.0, 4.0, rollback: 2.0, rollback again: the release
 before 2.0), never forward to the release rolled back from; --to picks one that was current
@@ -169,14 +180,34 @@ enum Output {
     Json,
 }
 
+/// Help is laid out for at least this many columns, and no line of an after-help text is wider, so
+/// clap never breaks an example command in the middle; a narrower terminal folds lines itself.
+const HELP_MIN_WIDTH: usize = 80;
+
+/// The width clap lays help out for: the terminal's (else `COLUMNS`, else 100, as clap would), at
+/// least [`HELP_MIN_WIDTH`].
+fn help_width() -> usize {
+    terminal_size::terminal_size()
+        .map(|(width, _)| usize::from(width.0))
+        .or_else(|| std::env::var("COLUMNS").ok()?.parse().ok())
+        .unwrap_or(100)
+        .max(HELP_MIN_WIDTH)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let mut command = Cli::command().term_width(help_width());
+    let cli = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+        .unwrap_or_else(|error| error.format(&mut command).exit());
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into a file or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         Command::Run { config } => run(&config),
@@ -200,14 +231,14 @@ fn release_command(output: Output, work: impl Future<Output = anyhow::Result<Rep
     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
+            print_error(&format!("cannot start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
     match runtime.block_on(work) {
         Ok(report) => {
-            match output {
-                Output::Json => println!("{}", serde_json::json!(report)),
+            let text = match output {
+                Output::Json => serde_json::json!(report).to_string(),
                 Output::Text => {
                     let Report {
                         bundle,
@@ -216,21 +247,39 @@ fn release_command(output: Output, work: impl Future<Output = anyhow::Result<Rep
                         previous,
                     } = &report;
                     match (*outcome, previous) {
-                        ("unchanged", _) => println!("{bundle}@{version} is already installed; nothing to do"),
-                        ("prepared", _) => println!("{bundle}@{version} prepared (not current)"),
-                        (_, Some(previous)) => println!("{bundle}@{version} is current (previous: {previous})"),
-                        (_, None) => println!("{bundle}@{version} is current"),
+                        ("unchanged", _) => format!("{bundle}@{version} is already installed; nothing to do"),
+                        ("prepared", _) => format!("{bundle}@{version} prepared (not current)"),
+                        (_, Some(previous)) => format!("{bundle}@{version} is current (previous: {previous})"),
+                        (_, None) => format!("{bundle}@{version} is current"),
                     }
                 }
-            }
-            ExitCode::SUCCESS
+            };
+            print_line(&text)
         }
         Err(error) => {
             let line = format!("{error:#}").replace('\n', " ");
-            eprintln!("error: {line}");
+            print_error(&line);
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a line on stdout; a reader that went away ends the command quietly rather than in a panic.
+fn print_line(text: &str) -> ExitCode {
+    let mut stdout = std::io::stdout().lock();
+    match writeln!(stdout, "{text}").and_then(|()| stdout.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::from(EXIT_STDOUT_CLOSED),
+        Err(error) => {
+            print_error(&format!("write to stdout: {error}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `error: ...` on stderr; nothing (and no panic) when stderr is closed.
+fn print_error(text: &str) {
+    let _ = writeln!(std::io::stderr(), "error: {text}");
 }
 
 fn report(bundle: &str, version: &str, outcome: InstallOutcome) -> Report {
@@ -319,7 +368,7 @@ fn recover(root: &std::path::Path) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            print_error(&format!("{error:#}"));
             ExitCode::FAILURE
         }
     }
@@ -345,7 +394,7 @@ fn run(config_path: &std::path::Path) -> ExitCode {
     let config = match AgentConfig::load(config_path) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("error: {error}");
+            print_error(&error.to_string());
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -356,7 +405,7 @@ fn run(config_path: &std::path::Path) -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
+            print_error(&format!("cannot start the async runtime: {error}"));
             return ExitCode::FAILURE;
         }
     };
@@ -377,8 +426,36 @@ fn run(config_path: &std::path::Path) -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            print_error(&format!("{error:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn help_examples_are_never_wrapped_mid_command() {
+        let command = Cli::command();
+        let mut wide = Vec::new();
+        let commands = std::iter::once(&command).chain(command.get_subcommands());
+        for command in commands {
+            let texts = [command.get_long_about(), command.get_after_help()];
+            for text in texts.into_iter().flatten() {
+                let text = text.to_string();
+                wide.extend(
+                    text.lines()
+                        .filter(|line| line.chars().count() > HELP_MIN_WIDTH)
+                        .map(str::to_owned),
+                );
+            }
+        }
+        assert!(
+            wide.is_empty(),
+            "wider than {HELP_MIN_WIDTH} columns:\n{}",
+            wide.join("\n")
+        );
     }
 }

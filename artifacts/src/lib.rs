@@ -7,4 +7,7 @@ mod download;
 mod s3;
 
 pub use download::{DownloadError, DownloadOptions, PinnedObject, download_verified};
-pub use s3::{DEFAULT_REGION, InstanceMetadata, S3Settings, UploadError, Uploaded, client, upload};
+pub use s3::{
+    BucketVersioning, DEFAULT_REGION, InstanceMetadata, S3Settings, UploadError, Uploaded, VersioningError,
+    bucket_versioning, client, upload,
+};

@@ -155,6 +155,66 @@ pub enum UploadError {
     },
 }
 
+/// Whether a bucket keeps every version of its objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketVersioning {
+    /// Every overwrite keeps the old bytes under their own version id.
+    Enabled,
+    /// Versioning was on once and is paused: new writes replace the "null" version.
+    Suspended,
+    /// Versioning was never turned on.
+    Off,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VersioningError {
+    #[error("ask whether bucket {bucket} keeps object versions: {detail}")]
+    Get { bucket: String, detail: String },
+    #[error("bucket {bucket}: the versioning answer has status {status:?}, which is neither Enabled nor Suspended")]
+    UnknownStatus { bucket: String, status: String },
+}
+
+/// Asks whether `bucket` keeps object versions (`GetBucketVersioning`), without writing anything.
+///
+/// Some S3-compatible stores (moto) answer with XML the SDK's parser rejects; the answer is then
+/// read from the raw response body, which has the same shape as AWS's:
+/// `<VersioningConfiguration><Status>Enabled</Status></VersioningConfiguration>`, or no `Status`
+/// element for a bucket that never had versioning.
+pub async fn bucket_versioning(client: &aws_sdk_s3::Client, bucket: &str) -> Result<BucketVersioning, VersioningError> {
+    let get_error = |detail: String| VersioningError::Get {
+        bucket: bucket.to_owned(),
+        detail,
+    };
+    let status = match client.get_bucket_versioning().bucket(bucket).send().await {
+        Ok(output) => output.status().map(|status| status.as_str().to_owned()),
+        Err(aws_sdk_s3::error::SdkError::ResponseError(context)) if context.raw().status().is_success() => {
+            let body = context.raw().body().bytes().unwrap_or_default();
+            tracing::debug!(
+                bucket,
+                "GetBucketVersioning answer not parsed by the SDK; reading it raw"
+            );
+            versioning_status_from_xml(&String::from_utf8_lossy(body))
+        }
+        Err(error) => return Err(get_error(aws_sdk_s3::error::DisplayErrorContext(&error).to_string())),
+    };
+    match status.as_deref() {
+        None | Some("") => Ok(BucketVersioning::Off),
+        Some("Enabled") => Ok(BucketVersioning::Enabled),
+        Some("Suspended") => Ok(BucketVersioning::Suspended),
+        Some(other) => Err(VersioningError::UnknownStatus {
+            bucket: bucket.to_owned(),
+            status: other.to_owned(),
+        }),
+    }
+}
+
+/// The text of the `<Status>` element of a `GetBucketVersioning` answer; `None` when it has none.
+fn versioning_status_from_xml(xml: &str) -> Option<String> {
+    let start = xml.find("<Status>")? + "<Status>".len();
+    let length = xml[start..].find("</Status>")?;
+    Some(xml[start..start + length].trim().to_owned())
+}
+
 /// Where an upload landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uploaded {
@@ -203,4 +263,22 @@ pub async fn upload(
             .filter(|id| !id.is_empty() && *id != "null")
             .map(str::to_owned),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_versioning_status_is_read_from_raw_answers() {
+        let aws_enabled = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<VersioningConfiguration \
+            xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Status>Enabled</Status></VersioningConfiguration>";
+        let moto_suspended = "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<VersioningConfiguration \
+            xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Status>Suspended</Status></VersioningConfiguration>";
+        let moto_never = "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<VersioningConfiguration \
+            xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"/>";
+        assert_eq!(versioning_status_from_xml(aws_enabled).as_deref(), Some("Enabled"));
+        assert_eq!(versioning_status_from_xml(moto_suspended).as_deref(), Some("Suspended"));
+        assert_eq!(versioning_status_from_xml(moto_never), None);
+    }
 }

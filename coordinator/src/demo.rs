@@ -24,12 +24,14 @@ use rollwave_proto::v1 as pb;
 use tokio::process::{Child, Command};
 
 use crate::artifact_store::{ArtifactStore, StoreCredentials};
+use crate::cli::console;
 use crate::cli::deploy::{DeploymentCommand, StatusArgs};
 use crate::cli::output::{InstanceView, OutputFormat, print_list};
 use crate::cli::profile::Profile;
 use crate::cli::{DemoArgs, OperatorClient, deploy};
 use crate::presence::PresencePolicy;
 use crate::server::{self, RunningServer, ServerOptions};
+use crate::wording::count_of;
 
 const STACK: &str = "demo";
 const ZONES: [&str; 3] = ["zone-a", "zone-b", "zone-c"];
@@ -147,12 +149,13 @@ fn agent_binary() -> anyhow::Result<PathBuf> {
 }
 
 /// A narration line on stdout; the deployment watch draws on stderr, as `rollwave deployment watch` does.
+/// A reader that went away loses the narration; the demo goes on and cleans up.
 fn say(text: &str) {
-    println!("{text}");
+    let _ = console::write_stdout(&format!("{text}\n"));
 }
 
 fn step(number: usize, text: &str) {
-    println!("\n[{number}/7] {text}");
+    let _ = console::write_stdout(&format!("\n[{number}/7] {text}\n"));
 }
 
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
@@ -163,8 +166,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     let workdir = tempfile::Builder::new().prefix("rollwave-demo-").tempdir()?;
     say(&format!(
-        "rollwave demo: a coordinator, an S3-compatible artifact store and {} agents on this machine, in {}",
-        args.agents,
+        "rollwave demo: a coordinator, an S3-compatible artifact store and {} on this machine, in {}",
+        count_of(args.agents, "agent", "agents"),
         workdir.path().display()
     ));
 
@@ -200,7 +203,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         && args.keep_running
     {
         if let Err(error) = print_try_it(workdir.path(), &server, &store) {
-            eprintln!("warning: cannot write the demo's CLI config: {error:#}");
+            console::noteln!("warning: cannot write the demo's CLI config: {error:#}");
         }
         interrupted().await;
     }
@@ -326,17 +329,17 @@ async fn story(
     let token = client
         .create_token(pb::CreateTokenRequest {
             stack: STACK.into(),
-            ttl_seconds: 600,
-            uses: u32::try_from(args.agents)?,
+            ttl_seconds: Some(600),
+            uses: Some(u32::try_from(args.agents)?),
         })
         .await
         .map_err(status_error)?
         .into_inner()
         .token;
     say(&format!(
-        "      starting {} agents with a join token; each agent.toml has [s3] endpoint = {:?},\n      \
+        "      starting {} with a join token; each agent.toml has [s3] endpoint = {:?},\n      \
          force_path_style = true and [install] health_deadline = {AGENT_HEALTH_DEADLINE:?} (default 1m)",
-        args.agents,
+        count_of(args.agents, "agent", "agents"),
         store.endpoint()
     ));
     for index in 0..args.agents {
@@ -422,7 +425,7 @@ async fn story(
     deploy::status(
         &mut client,
         StatusArgs {
-            stack: STACK.into(),
+            stack: Some(STACK.into()),
             all: true,
         },
         OutputFormat::Table,
@@ -757,15 +760,6 @@ fn print_try_it(workdir: &Path, server: &RunningServer, store: &ArtifactStore) -
     Ok(())
 }
 
-/// "1 agent", "6 agents".
-fn count_of(count: usize, one: &str, many: &str) -> String {
-    if count == 1 {
-        format!("1 {one}")
-    } else {
-        format!("{count} {many}")
-    }
-}
-
 /// Turns a gRPC status into an error whose message is the server's explanation.
 fn status_error(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{} ({:?})", status.message(), status.code())
@@ -892,7 +886,7 @@ impl Fleet {
             groups.entry(stray.group).or_default().push(stray);
         }
         if !groups.is_empty() {
-            eprintln!(
+            console::noteln!(
                 "warning: {} process group(s) from the demo's directory were still running although no agent \
                  records them: an agent lost track of an app it started; stopping them:",
                 groups.len()
@@ -905,7 +899,10 @@ impl Fleet {
                 .or(members.first())
                 .map(|member| member.command.as_str())
                 .unwrap_or_default();
-            eprintln!("  process group {group} ({} processes): {leader}", members.len());
+            console::noteln!(
+                "  process group {group} ({}): {leader}",
+                count_of(members.len(), "process", "processes")
+            );
             let _ = killpg(Pid::from_raw(*group), Signal::SIGKILL);
         }
         (stopped_agents, apps.len())

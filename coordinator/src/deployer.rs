@@ -23,6 +23,7 @@ use crate::rollout::{Action, Input, InstanceState, Phase, Report, Rollout, Rollo
 use crate::store::{DeploymentRow, DeploymentUpdate, StoreError};
 use crate::traffic::{self, DrainOutcome, TrafficSettings, TrafficTarget};
 use crate::wishes::{self, Wish};
+use crate::wording::count_of;
 
 /// Running deployments, by id; one lock so every step is taken in order.
 #[derive(Debug)]
@@ -97,12 +98,29 @@ pub enum DeployError {
     AlreadyRunning { id: String, stack: String, bundle: String },
     #[error("deployment {0} does not exist")]
     NotFound(String),
-    #[error("deployment {id} is {status}; only a running deployment can be {action}d")]
-    NotRunning { id: String, status: String, action: String },
+    #[error("deployment {id} is {status}; only a running deployment can be {done}")]
+    NotRunning {
+        id: String,
+        status: String,
+        /// The action's past participle: "paused", "resumed", "aborted".
+        done: &'static str,
+    },
     #[error(
         "stack {stack} has no traffic provider to drain instances from; set one with `rollwave traffic set {stack} ...`, or deploy without --drain"
     )]
     NoTrafficProvider { stack: String },
+}
+
+/// The input for an operator's action on a deployment, and the action's past participle for messages.
+pub fn control_input(action: &str) -> Result<(Input, &'static str), DeployError> {
+    match action {
+        "pause" => Ok((Input::Pause, "paused")),
+        "resume" => Ok((Input::Resume, "resumed")),
+        "abort" => Ok((Input::Abort, "aborted")),
+        other => Err(DeployError::Invalid(format!(
+            "unknown action {other:?}: pause, resume or abort"
+        ))),
+    }
 }
 
 /// What an operator asked for.
@@ -386,7 +404,7 @@ impl Deployer {
                 "deployment.create",
                 &format!("{}/{}@{}", row.stack, row.bundle, row.version),
                 "ok",
-                format!("id {id}, {} waves", record.wave_labels.len()),
+                format!("id {id}, {}", count_of(record.wave_labels.len(), "wave", "waves")),
             )
             .await;
         let mut live = Live { row, record };
@@ -427,16 +445,7 @@ impl Deployer {
         id: &str,
         action: &str,
     ) -> Result<pb::Deployment, DeployError> {
-        let input = match action {
-            "pause" => Input::Pause,
-            "resume" => Input::Resume,
-            "abort" => Input::Abort,
-            other => {
-                return Err(DeployError::Invalid(format!(
-                    "unknown action {other:?}: pause, resume or abort"
-                )));
-            }
-        };
+        let (input, done) = control_input(action)?;
         let mut running = self.running.lock().await;
         let Some(live) = running.get_mut(id) else {
             let row = shared
@@ -447,7 +456,7 @@ impl Deployer {
             return Err(DeployError::NotRunning {
                 id: id.to_owned(),
                 status: row.status,
-                action: action.to_owned(),
+                done,
             });
         };
         advance(shared, live, input, now_ms()).await?;

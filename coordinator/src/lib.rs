@@ -22,3 +22,4 @@ pub mod sessions;
 pub mod store;
 pub mod traffic;
 pub mod wishes;
+pub mod wording;

@@ -1,11 +1,12 @@
 //! `rollwave`: parses the command line, runs the command, maps the outcome
 //! to an exit code (0 ok, 1 failure, 2 usage, 64 bad configuration).
 
+use std::io::IsTerminal as _;
 use std::process::ExitCode;
 
-use clap::Parser;
+use rollwave_coordinator::cli::console::{EXIT_STDOUT_CLOSED, is_stdout_closed, write_stderr};
 use rollwave_coordinator::cli::profile::{ConfigError, ProcessEnvironment};
-use rollwave_coordinator::cli::{Cli, Command, EXIT_CONFIG, ServerArgs, run_operator_command};
+use rollwave_coordinator::cli::{Command, EXIT_CONFIG, ServerArgs, parse_command_line, run_operator_command};
 use rollwave_coordinator::grpc::ServiceSettings;
 use rollwave_coordinator::listener::ListenerLimits;
 use rollwave_coordinator::presence::PresencePolicy;
@@ -13,7 +14,7 @@ use rollwave_coordinator::server::{self, ServerError, ServerOptions};
 use rollwave_coordinator::{ca::CaFiles, demo};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse_command_line();
     let default_level = match cli.command {
         Command::Server(_) => "info",
         _ => "warn",
@@ -24,11 +25,13 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
+        // Colour only for a person at a terminal, never into a file or the journal.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("error: cannot start the async runtime: {error}");
+            write_stderr(&format!("error: cannot start the async runtime: {error}\n"));
             return ExitCode::FAILURE;
         }
     };
@@ -41,8 +44,9 @@ fn main() -> ExitCode {
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(error) if is_stdout_closed(&error) => ExitCode::from(EXIT_STDOUT_CLOSED),
         Err(error) => {
-            eprintln!("error: {error:#}");
+            write_stderr(&format!("error: {error:#}\n"));
             if is_configuration_error(&error) {
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -89,11 +93,11 @@ async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     options.limits.agent_message_max = args.max_agent_message;
     options.limits.operator_message_max = args.max_operator_message;
     let mut running = server::start(options).await?;
-    eprintln!(
-        "rollwave coordinator listening on {}\n  operator CLI: rollwave --config {} instance list",
+    write_stderr(&format!(
+        "rollwave coordinator listening on {}\n  operator CLI: rollwave --config {} instance list\n",
         running.local_addr,
         running.files.cli_config.display()
-    );
+    ));
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         result = running.wait() => return Ok(result?),

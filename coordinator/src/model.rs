@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
+use std::time::Duration;
 
 use rollwave_release::{NameError, Sha256};
 use serde::{Deserialize, Serialize};
@@ -34,12 +35,46 @@ pub enum InvalidInput {
     ReleaseName(#[from] NameError),
     #[error("invalid sha256 {0:?}: expected 64 lowercase hex digits")]
     Sha256(String),
+    #[error(
+        "invalid token ttl {}: a join token lives from {} to {} (such as 10m or 24h)",
+        humantime::format_duration(*.0),
+        humantime::format_duration(MIN_TOKEN_TTL),
+        humantime::format_duration(MAX_TOKEN_TTL)
+    )]
+    TokenTtl(Duration),
+    #[error("invalid token uses {0}: a join token admits 1 to {MAX_TOKEN_USES} instances")]
+    TokenUses(u32),
     #[error("invalid {what} {value:?}: {rule}")]
     Location {
         what: &'static str,
         value: String,
         rule: &'static str,
     },
+}
+
+/// Longest join token lifetime: a token is a bootstrap credential, not an account.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Shortest join token lifetime; shorter would be expired before anyone could use it.
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(1);
+/// A token's lifetime when the request names none.
+pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// Most instances one token may join.
+pub const MAX_TOKEN_USES: u32 = 100_000;
+
+/// A join token's lifetime and uses, as asked; `None` takes the default (1 hour, 1 use).
+///
+/// A lifetime below [`MIN_TOKEN_TTL`] or 0 uses is refused, never rounded up: `--uses 0` or
+/// `--ttl 0s` is a mistake, and a token other than the one asked for would hide it.
+pub fn token_terms(ttl: Option<Duration>, uses: Option<u32>) -> Result<(Duration, u32), InvalidInput> {
+    let ttl = ttl.unwrap_or(DEFAULT_TOKEN_TTL);
+    if !(MIN_TOKEN_TTL..=MAX_TOKEN_TTL).contains(&ttl) {
+        return Err(InvalidInput::TokenTtl(ttl));
+    }
+    let uses = uses.unwrap_or(1);
+    if !(1..=MAX_TOKEN_USES).contains(&uses) {
+        return Err(InvalidInput::TokenUses(uses));
+    }
+    Ok((ttl, uses))
 }
 
 /// Checks a stack, layer, zone or instance name.
@@ -297,11 +332,49 @@ pub struct Event {
     pub target: String,
     pub outcome: String,
     pub detail: String,
+    /// The stack the event concerns, "" for none; derived from the target when recorded.
+    pub stack: String,
+    /// The instance the event concerns, "" for none; derived from the target when recorded.
+    pub instance: String,
+}
+
+/// Which audit events to list: each set field must match; the newest `limit` of them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EventFilter {
+    pub stack: Option<String>,
+    pub instance: Option<String>,
+    /// The actor: an operator's name, "coordinator", "agent" or "instance:ID".
+    pub actor: Option<String>,
+    /// Only events at or after this time.
+    pub since_ms: Option<i64>,
+    pub limit: u32,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_token_uses_and_a_zero_ttl_are_refused_not_rounded_up() {
+        let refused =
+            |ttl: Option<Duration>, uses: Option<u32>| token_terms(ttl, uses).expect_err("refused").to_string();
+        assert_eq!(
+            refused(None, Some(0)),
+            "invalid token uses 0: a join token admits 1 to 100000 instances"
+        );
+        assert_eq!(
+            refused(Some(Duration::ZERO), None),
+            "invalid token ttl 0s: a join token lives from 1s to 30days (such as 10m or 24h)"
+        );
+        assert!(refused(Some(Duration::from_millis(500)), None).contains("500ms"));
+        assert!(refused(Some(MAX_TOKEN_TTL + Duration::from_secs(1)), None).contains("30days 1s"));
+        assert!(refused(None, Some(MAX_TOKEN_USES + 1)).contains("100001"));
+        assert_eq!(token_terms(None, None).expect("defaults"), (DEFAULT_TOKEN_TTL, 1));
+        assert_eq!(
+            token_terms(Some(MIN_TOKEN_TTL), Some(MAX_TOKEN_USES)).expect("bounds"),
+            (MIN_TOKEN_TTL, MAX_TOKEN_USES)
+        );
+    }
 
     #[test]
     fn names_follow_the_documented_rule() {

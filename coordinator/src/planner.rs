@@ -41,6 +41,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::wording::count_of;
+
 /// Canary instances of a rolling deployment, unless the operator says otherwise.
 const DEFAULT_CANARY: u32 = 1;
 /// Instances per wave of a rolling deployment, of a zone's targets, unless the operator says otherwise.
@@ -240,9 +242,11 @@ pub enum PlanError {
     )]
     NoTargets { pinned: u32, lost: u32 },
     #[error(
-        "--min-healthy {min_healthy} means {floor} of the stack's {stack_size} instances must stay healthy during \
-         every wave, and {healthy_total} are healthy now: no wave could take a healthy instance out of service; \
+        "--min-healthy {min_healthy} means {floor} of the stack's {stack} must stay healthy during \
+         every wave, and {healthy_total} {are} healthy now: no wave could take a healthy instance out of service; \
          lower --min-healthy to {highest_workable} or less, or make more instances healthy",
+        stack = count_of(*.stack_size as usize, "instance", "instances"),
+        are = if *.healthy_total == 1 { "is" } else { "are" },
         highest_workable = .healthy_total.saturating_sub(1)
     )]
     MinHealthyUnreachable {

@@ -74,6 +74,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::wording::count_of;
+
 /// How long an instance must stay healthy, without interruption, to count as settled.
 const DEFAULT_MIN_HEALTHY_TIME_MS: i64 = 10_000;
 /// How long after its Activate an instance may take to settle.
@@ -645,9 +647,9 @@ impl Rollout {
         let paused = if self.is_paused() { " (paused)" } else { "" };
         match &self.phase {
             Phase::Created => format!(
-                "not started: {} targets in {} waves{paused}",
-                self.targets.len(),
-                self.waves.len()
+                "not started: {} in {}{paused}",
+                count_of(self.targets.len(), "target", "targets"),
+                count_of(self.waves.len(), "wave", "waves")
             ),
             Phase::Preparing => format!("preparing: {}; {failures}{paused}", count_states(self.targets.values())),
             Phase::Wave { index, bake_until_ms } => {
@@ -1585,15 +1587,6 @@ fn count_states<'a>(targets: impl Iterator<Item = &'a Target>) -> String {
         .map(|(rank, count)| format!("{count} {}", LABEL_ORDER[*rank]))
         .collect::<Vec<_>>()
         .join(", ")
-}
-
-/// "1 instance", "2 instances".
-fn count_of(count: usize, one: &str, many: &str) -> String {
-    if count == 1 {
-        format!("1 {one}")
-    } else {
-        format!("{count} {many}")
-    }
 }
 
 /// "1 failure", "2 failures".

@@ -17,7 +17,7 @@ use sqlx::{Row, SqlSafeStr, SqlitePool};
 
 use crate::enrollment::{self, JoinAttempt, JoinDecision, JoinRefused, PastJoin};
 use crate::model::{
-    BundleKind, Event, Instance, InstanceFacts, JoinTokenRecord, ObservedRelease, Release, Stack, Stage,
+    BundleKind, Event, EventFilter, Instance, InstanceFacts, JoinTokenRecord, ObservedRelease, Release, Stack, Stage,
 };
 use crate::registry::{self, Decision, RegistrationRefused};
 
@@ -41,6 +41,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/sqlite/0004_deployment_generation.sql"),
     ),
     (5, "joins", include_str!("../migrations/sqlite/0005_joins.sql")),
+    (
+        6,
+        "event scope",
+        include_str!("../migrations/sqlite/0006_event_scope.sql"),
+    ),
     (
         7,
         "approval kind",
@@ -640,24 +645,47 @@ impl Store {
 
     // ---- audit trail ----------------------------------------------------
 
+    /// Records an audit event, with the stack and instance it concerns derived from its target:
+    /// an instance id (the instance and its stack; also once the instance is removed, from its
+    /// earlier events), a deployment or join token id (its stack), a stack name, or
+    /// `STACK/...` (pins, traffic settings, deployments by release). Other targets (releases)
+    /// concern no stack. Derived here, in one place, so no caller can forget it.
     pub async fn record_event(&self, event: &Event) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO events (at, actor, action, target, outcome, detail) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(event.at_ms)
-            .bind(&event.actor)
-            .bind(&event.action)
-            .bind(&event.target)
-            .bind(&event.outcome)
-            .bind(&event.detail)
-            .execute(&self.pool)
-            .await?;
+        let stack_prefix = event.target.split_once('/').map(|(stack, _)| stack).unwrap_or_default();
+        sqlx::query(
+            "INSERT INTO events (at, actor, action, target, outcome, detail, stack, instance) VALUES ($1, $2, $3, $4, $5, $6, \
+             COALESCE((SELECT stack FROM instances WHERE id = $4), (SELECT stack FROM deployments WHERE id = $4), \
+                      (SELECT stack FROM join_tokens WHERE id = $4), (SELECT name FROM stacks WHERE name = $4), \
+                      (SELECT name FROM stacks WHERE name = $7), \
+                      (SELECT e.stack FROM events e WHERE e.instance = $4 AND e.stack <> '' ORDER BY e.sequence DESC LIMIT 1), \
+                      ''), \
+             COALESCE((SELECT id FROM instances WHERE id = $4), \
+                      (SELECT e.instance FROM events e WHERE e.instance = $4 LIMIT 1), ''))",
+        )
+        .bind(event.at_ms)
+        .bind(&event.actor)
+        .bind(&event.action)
+        .bind(&event.target)
+        .bind(&event.outcome)
+        .bind(&event.detail)
+        .bind(stack_prefix)
+        .execute(&self.pool)
+        .await?;
         Ok(())
     }
 
-    pub async fn list_events(&self, limit: u32) -> Result<Vec<Event>, StoreError> {
+    /// The newest `filter.limit` events that pass `filter`, oldest first.
+    pub async fn list_events(&self, filter: &EventFilter) -> Result<Vec<Event>, StoreError> {
         let rows = sqlx::query(
-            "SELECT at, actor, action, target, outcome, detail FROM events ORDER BY sequence DESC LIMIT $1",
+            "SELECT at, actor, action, target, outcome, detail, stack, instance FROM events \
+             WHERE ($1 = '' OR stack = $1) AND ($2 = '' OR instance = $2) AND ($3 = '' OR actor = $3) AND at >= $4 \
+             ORDER BY sequence DESC LIMIT $5",
         )
-        .bind(i64::from(limit))
+        .bind(filter.stack.as_deref().unwrap_or_default())
+        .bind(filter.instance.as_deref().unwrap_or_default())
+        .bind(filter.actor.as_deref().unwrap_or_default())
+        .bind(filter.since_ms.unwrap_or(i64::MIN))
+        .bind(i64::from(filter.limit))
         .fetch_all(&self.pool)
         .await?;
         let mut events = rows
@@ -670,6 +698,8 @@ impl Store {
                     target: row.try_get("target")?,
                     outcome: row.try_get("outcome")?,
                     detail: row.try_get("detail")?,
+                    stack: row.try_get("stack")?,
+                    instance: row.try_get("instance")?,
                 })
             })
             .collect::<Result<Vec<_>, StoreError>>()?;
@@ -869,6 +899,105 @@ pub(crate) mod tests {
         for path in std::iter::once(&database).chain(&side_files) {
             assert_eq!(mode_of(path), 0o600, "{} after reopening", path.display());
         }
+    }
+
+    /// A store with stack `web`, join token `tok1` (2 uses) and instance `i-1` joined with it.
+    async fn open_with_instance() -> (tempfile::TempDir, Store) {
+        let (dir, store) = open().await;
+        store.create_stack("web", Stage::Dev, 1).await.expect("stack");
+        store
+            .create_token(&token("web", 2, 1_000), "admin")
+            .await
+            .expect("token");
+        join(&store, "r-1", "key-1", "i-1", "aa", 5).await.expect("join");
+        (dir, store)
+    }
+
+    #[tokio::test]
+    async fn events_are_filtered_by_stack_instance_actor_and_time_in_the_query() {
+        let (_dir, store) = open_with_instance().await;
+        store.create_stack("batch", Stage::Dev, 1).await.expect("stack");
+        let event = |at_ms: i64, actor: &str, action: &str, target: &str| Event {
+            at_ms,
+            actor: actor.into(),
+            action: action.into(),
+            target: target.into(),
+            outcome: "ok".into(),
+            detail: String::new(),
+            stack: String::new(),
+            instance: String::new(),
+        };
+        for recorded in [
+            event(10, "alice", "stack.create", "web"),
+            event(11, "bob", "stack.create", "batch"),
+            event(12, "alice", "token.create", "tok1"),
+            event(13, "instance:i-1", "instance.join", "i-1"),
+            event(14, "bob", "pin", "web/app@1.0"),
+            event(15, "bob", "traffic.set", "batch/db"),
+            event(16, "alice", "release.register", "app@1.0"),
+        ] {
+            store.record_event(&recorded).await.expect("record");
+        }
+        store.remove_instance("i-1").await.expect("remove");
+        store
+            .record_event(&event(17, "alice", "instance.remove", "i-1"))
+            .await
+            .expect("record");
+        let list = |filter: EventFilter| {
+            let store = &store;
+            async move {
+                let events = store
+                    .list_events(&EventFilter { limit: 100, ..filter })
+                    .await
+                    .expect("list");
+                events
+                    .iter()
+                    .map(|event| format!("{} {} {}", event.at_ms, event.action, event.target))
+                    .collect::<Vec<_>>()
+            }
+        };
+        let some = |text: &str| Some(text.to_owned());
+        assert_eq!(
+            list(EventFilter {
+                stack: some("web"),
+                ..EventFilter::default()
+            })
+            .await,
+            [
+                "10 stack.create web",
+                "12 token.create tok1",
+                "13 instance.join i-1",
+                "14 pin web/app@1.0",
+                "17 instance.remove i-1"
+            ]
+        );
+        assert_eq!(
+            list(EventFilter {
+                instance: some("i-1"),
+                ..EventFilter::default()
+            })
+            .await,
+            ["13 instance.join i-1", "17 instance.remove i-1"]
+        );
+        assert_eq!(
+            list(EventFilter {
+                actor: some("bob"),
+                since_ms: Some(12),
+                ..EventFilter::default()
+            })
+            .await,
+            ["14 pin web/app@1.0", "15 traffic.set batch/db"]
+        );
+        let newest = store
+            .list_events(&EventFilter {
+                limit: 2,
+                ..EventFilter::default()
+            })
+            .await
+            .expect("list");
+        assert_eq!(newest.iter().map(|event| event.at_ms).collect::<Vec<_>>(), [16, 17]);
+        assert_eq!((newest[0].stack.as_str(), newest[0].instance.as_str()), ("", ""));
+        assert_eq!((newest[1].stack.as_str(), newest[1].instance.as_str()), ("web", "i-1"));
     }
 
     fn token(stack: &str, uses: u32, expires_at_ms: i64) -> JoinTokenRecord {

@@ -12,6 +12,7 @@ use zip::{CompressionMethod, DateTime, System, ZipWriter};
 
 use crate::digest::{Sha256, hash_file};
 use crate::entry_path::{PathViolation, check_entry_path};
+use crate::exclusions::{Exclusions, IGNORE_FILE, IgnoreFileError, LeftOut};
 use crate::manifest::{Manifest, ManifestError, ManifestTexts};
 pub use crate::tree::EntryKind;
 use crate::tree::{TreeChecker, TreeViolation};
@@ -53,7 +54,7 @@ pub struct SourceEntry {
 }
 
 /// The archive that was written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuildOutput {
     /// Digest of the archive's bytes.
     pub sha256: Sha256,
@@ -61,18 +62,22 @@ pub struct BuildOutput {
     pub size: u64,
     /// Number of entries (files, directories and symlinks) in the archive.
     pub entries: usize,
+    /// What the tree held that the archive does not (see [`crate::exclusions`]), by path.
+    pub left_out: Vec<LeftOut>,
 }
 
 /// Why an archive could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     /// Reading the source tree failed.
-    #[error("read {path}: {source}")]
+    // Each I/O error below is part of its message and deliberately not `source()`, which would
+    // print it twice in a chain (`{:#}`).
+    #[error("read {path}: {error}")]
     ReadSource {
         /// The file or directory being read.
         path: PathBuf,
         /// The underlying I/O error.
-        source: io::Error,
+        error: io::Error,
     },
     /// A file name in the source tree is not UTF-8.
     #[error("{path}: file names must be UTF-8")]
@@ -102,27 +107,33 @@ pub enum BuildError {
         /// What is wrong.
         reason: String,
     },
-    /// The bundle's manifest is invalid.
-    #[error("invalid manifest: {source}")]
-    ValidateManifest {
-        /// The manifest problem, naming the file.
-        #[from]
-        source: ManifestError,
-    },
+    /// The bundle's manifest is invalid. The problem is part of the message and deliberately
+    /// not `source()`: printed as a chain (`{:#}`), it would otherwise appear twice.
+    #[error("invalid manifest: {0}")]
+    ValidateManifest(ManifestError),
     /// A manifest file is not UTF-8 or is larger than 1 MiB.
     #[error("{path}: manifest files must be UTF-8 text of at most 1 MiB")]
     ReadManifest {
         /// The manifest file's archive path.
         path: String,
     },
+    /// `.rollwaveignore` holds a pattern that is not valid gitignore syntax.
+    #[error("{0}; fix the pattern (gitignore syntax)")]
+    ParseIgnoreFile(IgnoreFileError),
     /// Writing the archive failed.
-    #[error("write archive {path}: {source}")]
+    #[error("write archive {path}: {error}")]
     WriteArchive {
         /// The archive being written (its temporary name).
         path: PathBuf,
         /// The underlying error.
-        source: io::Error,
+        error: io::Error,
     },
+}
+
+impl From<ManifestError> for BuildError {
+    fn from(error: ManifestError) -> Self {
+        BuildError::ValidateManifest(error)
+    }
 }
 
 /// Where an entry's contents come from.
@@ -141,15 +152,32 @@ struct PlannedEntry {
 }
 
 /// Builds an archive of the tree under `dir` into `out_file`, atomically (temporary file
-/// beside it, then rename). `out_file` must not be inside `dir`.
+/// beside it, then rename), leaving out what [`crate::exclusions`] says. `out_file` must not be
+/// inside `dir`.
 pub fn build_from_dir(dir: &Path, out_file: &Path) -> Result<BuildOutput, BuildError> {
+    let ignore_path = dir.join(IGNORE_FILE);
+    let ignore_text = match fs::symlink_metadata(&ignore_path) {
+        Ok(metadata) if metadata.is_file() => {
+            Some(
+                fs::read_to_string(&ignore_path).map_err(|error| BuildError::ReadSource {
+                    path: ignore_path.clone(),
+                    error,
+                })?,
+            )
+        }
+        _ => None,
+    };
+    let exclusions = Exclusions::new(ignore_text.as_deref()).map_err(BuildError::ParseIgnoreFile)?;
     let mut entries = Vec::new();
-    walk(dir, "", &mut entries)?;
-    write_archive(entries, out_file)
+    let mut left_out = Vec::new();
+    walk(dir, "", &exclusions, &mut entries, &mut left_out)?;
+    write_archive(entries, left_out, out_file)
 }
 
-/// Builds an archive from in-memory entries into `out_file`, atomically.
+/// Builds an archive from in-memory entries into `out_file`, atomically, leaving out what
+/// [`crate::exclusions`] says (with the `.rollwaveignore` among the entries, if any).
 pub fn build_from_entries(entries: Vec<SourceEntry>, out_file: &Path) -> Result<BuildOutput, BuildError> {
+    let (entries, left_out) = leave_out(entries)?;
     let mut planned = Vec::with_capacity(entries.len());
     let mut explicit_dirs = std::collections::HashSet::new();
     for entry in &entries {
@@ -183,14 +211,61 @@ pub fn build_from_entries(entries: Vec<SourceEntry>, out_file: &Path) -> Result<
         executable: true,
         contents: Contents::None,
     }));
-    write_archive(planned, out_file)
+    write_archive(planned, left_out, out_file)
 }
 
-/// Collects the entries under `dir`, whose archive path is `prefix`.
-fn walk(dir: &Path, prefix: &str, entries: &mut Vec<PlannedEntry>) -> Result<(), BuildError> {
+/// Splits in-memory entries into those kept and what is left out: an entry goes with the first
+/// of its ancestor directories that is left out, as a walk would not descend into it.
+fn leave_out(entries: Vec<SourceEntry>) -> Result<(Vec<SourceEntry>, Vec<LeftOut>), BuildError> {
+    let ignore_text = entries
+        .iter()
+        .find(|entry| entry.path == IGNORE_FILE && entry.kind == EntryKind::File)
+        .map(|entry| String::from_utf8_lossy(&entry.contents).into_owned());
+    let exclusions = Exclusions::new(ignore_text.as_deref()).map_err(BuildError::ParseIgnoreFile)?;
+    let mut left_out: std::collections::BTreeMap<String, LeftOut> = std::collections::BTreeMap::new();
+    let mut kept = Vec::with_capacity(entries.len());
+    'entries: for entry in entries {
+        for (index, _) in entry.path.match_indices('/') {
+            let ancestor = &entry.path[..index];
+            if let Some(reason) = exclusions.reason_to_leave_out(ancestor, true) {
+                left_out.entry(ancestor.to_owned()).or_insert(LeftOut {
+                    path: ancestor.to_owned(),
+                    is_dir: true,
+                    reason,
+                });
+                continue 'entries;
+            }
+        }
+        let is_dir = entry.kind == EntryKind::Directory;
+        match exclusions.reason_to_leave_out(&entry.path, is_dir) {
+            Some(reason) => {
+                left_out.insert(
+                    entry.path.clone(),
+                    LeftOut {
+                        path: entry.path,
+                        is_dir,
+                        reason,
+                    },
+                );
+            }
+            None => kept.push(entry),
+        }
+    }
+    Ok((kept, left_out.into_values().collect()))
+}
+
+/// Collects the entries under `dir`, whose archive path is `prefix`, into `entries`, and what
+/// `exclusions` leaves out into `left_out` (without descending into directories left out).
+fn walk(
+    dir: &Path,
+    prefix: &str,
+    exclusions: &Exclusions,
+    entries: &mut Vec<PlannedEntry>,
+    left_out: &mut Vec<LeftOut>,
+) -> Result<(), BuildError> {
     let read_error = |path: &Path| {
         let path = path.to_owned();
-        move |source| BuildError::ReadSource { path, source }
+        move |error| BuildError::ReadSource { path, error }
     };
     for dir_entry in fs::read_dir(dir).map_err(read_error(dir))? {
         let dir_entry = dir_entry.map_err(read_error(dir))?;
@@ -205,8 +280,16 @@ fn walk(dir: &Path, prefix: &str, entries: &mut Vec<PlannedEntry>) -> Result<(),
         };
         let metadata = fs::symlink_metadata(&source_path).map_err(read_error(&source_path))?;
         let file_type = metadata.file_type();
+        if let Some(reason) = exclusions.reason_to_leave_out(&path, file_type.is_dir()) {
+            left_out.push(LeftOut {
+                path,
+                is_dir: file_type.is_dir(),
+                reason,
+            });
+            continue;
+        }
         if file_type.is_dir() {
-            walk(&source_path, &path, entries)?;
+            walk(&source_path, &path, exclusions, entries, left_out)?;
             entries.push(PlannedEntry {
                 path,
                 kind: EntryKind::Directory,
@@ -240,25 +323,31 @@ fn walk(dir: &Path, prefix: &str, entries: &mut Vec<PlannedEntry>) -> Result<(),
 }
 
 /// Sorts and validates `entries` (paths, tree rules, manifest), then writes the archive.
-fn write_archive(mut entries: Vec<PlannedEntry>, out_file: &Path) -> Result<BuildOutput, BuildError> {
+fn write_archive(
+    mut entries: Vec<PlannedEntry>,
+    mut left_out: Vec<LeftOut>,
+    out_file: &Path,
+) -> Result<BuildOutput, BuildError> {
     entries.sort_by(|left, right| left.path.as_bytes().cmp(right.path.as_bytes()));
+    left_out.sort_by(|left, right| left.path.as_bytes().cmp(right.path.as_bytes()));
     validate(&entries)?;
 
     let temp_path = temporary_path(out_file);
     let result = write_temporary(&entries, &temp_path).and_then(|()| {
         let (sha256, size) = hash_file(&temp_path).map_err(|error| BuildError::WriteArchive {
             path: temp_path.clone(),
-            source: io::Error::other(error.to_string()),
+            error: io::Error::other(error.to_string()),
         })?;
-        fs::rename(&temp_path, out_file).map_err(|source| BuildError::WriteArchive {
+        fs::rename(&temp_path, out_file).map_err(|error| BuildError::WriteArchive {
             path: out_file.to_owned(),
-            source,
+            error,
         })?;
         sync_parent(out_file)?;
         Ok(BuildOutput {
             sha256,
             size,
             entries: entries.len(),
+            left_out,
         })
     });
     if result.is_err() {
@@ -311,16 +400,16 @@ fn read_manifest(entry: &PlannedEntry) -> Result<String, BuildError> {
     let bytes = match &entry.contents {
         Contents::Bytes(bytes) => bytes.clone(),
         Contents::File(source_path) => {
-            let file = File::open(source_path).map_err(|source| BuildError::ReadSource {
+            let file = File::open(source_path).map_err(|error| BuildError::ReadSource {
                 path: source_path.clone(),
-                source,
+                error,
             })?;
             let mut bytes = Vec::new();
             file.take(MAX_MANIFEST_BYTES + 1)
                 .read_to_end(&mut bytes)
-                .map_err(|source| BuildError::ReadSource {
+                .map_err(|error| BuildError::ReadSource {
                     path: source_path.clone(),
-                    source,
+                    error,
                 })?;
             bytes
         }
@@ -369,13 +458,13 @@ fn temporary_path(out_file: &Path) -> PathBuf {
 }
 
 fn write_temporary(entries: &[PlannedEntry], temp_path: &Path) -> Result<(), BuildError> {
-    let write_error = |source| BuildError::WriteArchive {
+    let write_error = |error| BuildError::WriteArchive {
         path: temp_path.to_owned(),
-        source,
+        error,
     };
     let zip_error = |error: zip::result::ZipError| BuildError::WriteArchive {
         path: temp_path.to_owned(),
-        source: io::Error::other(error.to_string()),
+        error: io::Error::other(error.to_string()),
     };
     // A stale temporary file from a crashed build with our pid is replaced.
     let _ = fs::remove_file(temp_path);
@@ -408,9 +497,9 @@ fn write_temporary(entries: &[PlannedEntry], temp_path: &Path) -> Result<(), Bui
                 let size = match &entry.contents {
                     Contents::Bytes(bytes) => bytes.len() as u64,
                     Contents::File(source_path) => fs::metadata(source_path)
-                        .map_err(|source| BuildError::ReadSource {
+                        .map_err(|error| BuildError::ReadSource {
                             path: source_path.clone(),
-                            source,
+                            error,
                         })?
                         .len(),
                     Contents::None => 0,
@@ -439,9 +528,9 @@ fn write_temporary(entries: &[PlannedEntry], temp_path: &Path) -> Result<(), Bui
 }
 
 fn copy_file(source_path: &Path, out: &mut impl Write, buffer: &mut [u8]) -> Result<(), BuildError> {
-    let read_error = |source| BuildError::ReadSource {
+    let read_error = |error| BuildError::ReadSource {
         path: source_path.to_owned(),
-        source,
+        error,
     };
     let mut file = File::open(source_path).map_err(read_error)?;
     loop {
@@ -452,9 +541,9 @@ fn copy_file(source_path: &Path, out: &mut impl Write, buffer: &mut [u8]) -> Res
             Err(error) => return Err(read_error(error)),
         };
         out.write_all(&buffer[..read])
-            .map_err(|source| BuildError::WriteArchive {
+            .map_err(|error| BuildError::WriteArchive {
                 path: source_path.to_owned(),
-                source,
+                error,
             })?;
     }
 }
@@ -467,9 +556,9 @@ fn sync_parent(out_file: &Path) -> Result<(), BuildError> {
     };
     File::open(parent)
         .and_then(|dir| dir.sync_all())
-        .map_err(|source| BuildError::WriteArchive {
+        .map_err(|error| BuildError::WriteArchive {
             path: parent.to_owned(),
-            source,
+            error,
         })
 }
 

@@ -4,6 +4,7 @@
 pub mod build;
 pub mod digest;
 pub mod entry_path;
+pub mod exclusions;
 pub mod history;
 pub mod manifest;
 pub mod name;
@@ -13,6 +14,7 @@ pub mod unpack;
 pub use build::{BuildError, BuildOutput, SourceEntry, build_from_dir, build_from_entries};
 pub use digest::{DigestError, Sha256, Sha256Writer, hash_file};
 pub use entry_path::PathViolation;
+pub use exclusions::{IGNORE_FILE, LeftOut};
 pub use manifest::{
     HealthCheck, Hook, LifecycleEvent, Manifest, ManifestError, ManifestSource, ManifestTexts, Service,
 };

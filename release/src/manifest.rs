@@ -201,20 +201,22 @@ impl<'a> ManifestTexts<'a> {
 #[derive(Debug, thiserror::Error)]
 pub enum ManifestError {
     /// `rollwave.toml` is not valid TOML or does not have the manifest's shape.
-    #[error("{file}: {source}")]
+    // The parser's error is part of the message and deliberately not the error's `source()`:
+    // printed as a chain (`{:#}`), it would otherwise appear twice.
+    #[error("{file}: {error}")]
     ParseToml {
         /// The manifest file.
         file: &'static str,
         /// The parser's description, with the line.
-        source: Box<toml::de::Error>,
+        error: Box<toml::de::Error>,
     },
     /// The appspec is not valid YAML or does not have the appspec's shape.
-    #[error("{file}: {source}")]
+    #[error("{file}: {error}")]
     ParseAppSpec {
         /// The manifest file.
         file: &'static str,
         /// The parser's description, with the line.
-        source: Box<serde_norway::Error>,
+        error: Box<serde_norway::Error>,
     },
     /// Both `appspec.yml` and `appspec.yaml` exist and there is no `rollwave.toml`.
     #[error("bundle has both appspec.yml and appspec.yaml; keep one, or add a rollwave.toml")]
@@ -448,9 +450,9 @@ impl Manifest {
     /// names exist (see [`Manifest::check_files`]).
     pub fn from_rollwave_toml(text: &str) -> Result<Self, ManifestError> {
         let file = MANIFEST_FILE;
-        let raw: RawManifest = toml::from_str(text).map_err(|source| ManifestError::ParseToml {
+        let raw: RawManifest = toml::from_str(text).map_err(|error| ManifestError::ParseToml {
             file,
-            source: Box::new(source),
+            error: Box::new(error),
         })?;
         let mut hooks = BTreeMap::new();
         let RawHooks {
@@ -504,9 +506,9 @@ impl Manifest {
     /// Parses the `hooks` of a CodeDeploy appspec (`file` is `appspec.yml` or `appspec.yaml`),
     /// refusing the sections and events Rollwave does not perform.
     pub fn from_appspec(file: &'static str, text: &str) -> Result<Self, ManifestError> {
-        let raw: RawAppSpec = serde_norway::from_str(text).map_err(|source| ManifestError::ParseAppSpec {
+        let raw: RawAppSpec = serde_norway::from_str(text).map_err(|error| ManifestError::ParseAppSpec {
             file,
-            source: Box::new(source),
+            error: Box::new(error),
         })?;
         for (section, value) in [("files", &raw.files), ("permissions", &raw.permissions)] {
             if value.as_ref().is_some_and(|value| !value.is_null()) {

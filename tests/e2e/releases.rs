@@ -82,6 +82,57 @@ fn touch_all(dir: &Path, when: SystemTime) {
 }
 
 #[test]
+fn a_directory_build_leaves_out_git_and_rollwaveignored_secrets_and_says_so() {
+    let temp = tempfile::tempdir().expect("temp dir");
+    let source = temp.path().join("site");
+    write_tree(&source, "one");
+    let clean = build_dir(&source, &temp.path().join("clean.zip"));
+    for (path, contents) in [
+        (
+            ".git/config",
+            "[remote \"origin\"]\n\turl = https://user:token@example.com/site.git\n",
+        ),
+        (".env", "DB_PASSWORD=secret\n"),
+        (".rollwaveignore", ".env\n"),
+    ] {
+        let full = source.join(path);
+        std::fs::create_dir_all(full.parent().expect("parent")).expect("mkdir");
+        std::fs::write(full, contents).expect("write");
+    }
+    let built = build_dir(&source, &temp.path().join("built.zip"));
+    assert_eq!(
+        built["left_out"],
+        serde_json::json!([
+            { "path": ".env", "reason": ".rollwaveignore: .env" },
+            { "path": ".git/", "reason": "version control" },
+        ]),
+        "{built}"
+    );
+    assert_eq!(
+        built["entries"].as_u64(),
+        clean["entries"].as_u64().map(|entries| entries + 1),
+        "only .rollwaveignore itself is added: {built}"
+    );
+    let archive = std::fs::read(temp.path().join("built.zip")).expect("archive");
+    assert!(
+        !archive.windows(b"token@".len()).any(|window| window == b"token@")
+            && !archive.windows(b".git/".len()).any(|window| window == b".git/"),
+        "the archive carries .git"
+    );
+    let table = offline(&[
+        "release",
+        "build",
+        path_str(&source),
+        "--out",
+        path_str(&temp.path().join("table.zip")),
+    ]);
+    assert!(
+        table.contains("left out (not in the archive):\n  .env   .rollwaveignore: .env\n  .git/  version control\n"),
+        "{table}"
+    );
+}
+
+#[test]
 fn building_the_same_directory_gives_the_same_bytes_without_a_coordinator() {
     let temp = tempfile::tempdir().expect("temp dir");
     let source = temp.path().join("site");
@@ -414,7 +465,7 @@ fn a_push_records_the_object_version_and_a_version_names_one_archive_forever() {
 }
 
 #[test]
-fn an_unversioned_bucket_is_refused_unless_allowed() {
+fn a_push_to_an_unversioned_bucket_is_refused_before_uploading_unless_allowed() {
     let world = World::new(false);
     let archive = world.archive("one");
 
@@ -422,12 +473,14 @@ fn an_unversioned_bucket_is_refused_unless_allowed() {
     assert_eq!(refused.status.code(), Some(1), "{}", stderr(&refused));
     let message = stderr(&refused);
     assert!(
-        message.contains("NOT registered") && message.contains("versioning") && message.contains("--allow-unversioned"),
+        message.contains("NOT pushed") && message.contains("versioning") && message.contains("--allow-unversioned"),
         "the refusal explains bucket versioning and the way out: {message}"
     );
-    assert!(
-        message.contains("was uploaded"),
-        "says the object is in the bucket: {message}"
+    assert!(message.contains("nothing was uploaded"), "{message}");
+    assert_eq!(
+        world.bucket.keys(),
+        Vec::<String>::new(),
+        "the refused push wrote to the bucket"
     );
     let missing = world.coordinator().try_cli(&["release", "show", "site", "1.0"]);
     assert_eq!(missing.status.code(), Some(1));

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::io::{IsTerminal as _, Write as _};
+use std::io::IsTerminal as _;
 use std::str::FromStr;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -16,12 +16,14 @@ use clap::{ArgGroup, Args, Subcommand, ValueEnum};
 use rollwave_proto::v1 as pb;
 use serde::Serialize;
 
+use super::console::{noteln, out, outln, write_stderr};
 use super::output::{
     BundleStatusView, DeploymentInstanceView, DeploymentView, EventView, InstanceStatusView, OutputFormat, PlanView,
     StackStatusView, Tabular, ago_at, print_item, print_list, table,
 };
 use super::{OperatorClient, call_error};
 use crate::planner::{Amount, InvalidAmount};
+use crate::wording::count_of;
 
 /// How often watching asks the coordinator where a deployment stands.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -61,26 +63,28 @@ const FINAL_STATES: [&str; 4] = ["settled", "failed", "switched back", "switch b
 
 const DEPLOY_HELP: &str = "\
 Defaults (the coordinator applies them to every flag left out):
-  --strategy rolling         --canary 1                --batch 25% (of a zone, at least 1)
-  --min-healthy 75%          --failure-threshold 0     --bake 0s
-  --min-healthy-time 10s     --healthy-deadline 5m     --progress-deadline 10m
+  --strategy rolling       --canary 1             --batch 25% (of a zone, min 1)
+  --min-healthy 75%        --failure-threshold 0  --bake 0s
+  --min-healthy-time 10s   --healthy-deadline 5m  --progress-deadline 10m
   failed deployments switch instances back (see --no-rollback)
 
 How a rolling deployment goes:
-  1. Every target prepares: downloads, verifies and unpacks the release and runs its
-     install hooks, without switching to it.
+  1. Every target prepares: downloads, verifies and unpacks the release and runs
+     its install hooks, without switching to it.
   2. The canary wave switches first: --canary instances, healthy ones first.
-  3. Then zone by zone, the canary's zone first, --batch of the zone's instances per
-     wave. A wave never takes so many healthy instances out of service that fewer than
-     --min-healthy of the stack stay healthy; a batch that would is split.
+  3. Then zone by zone, the canary's zone first, --batch of the zone's instances
+     per wave. A wave never takes so many healthy instances out of service that
+     fewer than --min-healthy of the stack stay healthy; a batch that would is
+     split.
   An instance is done once it has been healthy for --min-healthy-time without
-  interruption, and fails if that takes longer than --healthy-deadline. After each
-  wave the deployment waits --bake before the next. More failed instances than
-  --failure-threshold, or no progress for --progress-deadline, fail the deployment:
-  the instances that switched go back to the previous release (unless --no-rollback).
-  Pinned and lost instances are skipped; --plan shows which and why.
-  --strategy all-at-once switches every target in one wave, with no minimum-healthy
-  floor; --canary, --batch and --min-healthy do not apply to it.
+  interruption, and fails if that takes longer than --healthy-deadline. After
+  each wave the deployment waits --bake before the next. More failed instances
+  than --failure-threshold, or no progress for --progress-deadline, fail the
+  deployment: the instances that switched go back to the previous release
+  (unless --no-rollback). Pinned and lost instances are skipped; --plan shows
+  which and why.
+  --strategy all-at-once switches every target in one wave, with no
+  minimum-healthy floor; --canary, --batch and --min-healthy do not apply to it.
 
 N|P% is a number of instances (3) or a percentage (25%, rounded up).
 DURATION is like 90s, 5m or 1h 30m.
@@ -97,9 +101,9 @@ Exit codes: 0 when started (with --watch: when it succeeded); 1 when refused,
 or (with --watch) when it failed or was aborted.";
 
 const WATCH_HELP: &str = "\
-On a terminal, a block on stderr is redrawn as the deployment moves: the phase, a
-bar of settled instances, every wave with its instances' states, and the newest
-failures. Elsewhere (a pipe, a CI log), one line per change, such as
+On a terminal, a block on stderr is redrawn as the deployment moves: the phase,
+a bar of settled instances, every wave with its instances' states, and the
+newest failures. Elsewhere (a pipe, a CI log), one line per change, such as
 \"wave 2/4 zone us-east-1b: i-0a1b healthy\". With --output json, the final
 deployment is printed on stdout as JSON at the end.
 
@@ -120,9 +124,10 @@ Examples:
   rollwave deployment abort d-4f2a9c";
 
 const ROLLBACK_HELP: &str = "\
-The whole stack switches back to the approved release before the current one, all at
-once (the previous release is still on the instances, so this is fast), and that
-release becomes the approved one again. Pinned instances stay as they are.
+The whole stack switches back to the approved release before the current one,
+all at once (the previous release is still on the instances, so this is fast),
+and that release becomes the approved one again. Pinned instances stay as they
+are.
 
 Rolling back again steps further back through the approvals (2.0, 4.0, rollback: 2.0,
 rollback again: the release before 2.0), never forward to the release rolled back from.
@@ -135,8 +140,9 @@ Examples:
 
 const PIN_HELP: &str = "\
 A pinned instance runs the given release whatever the approved one is, and
-deployments of the bundle skip it until it is unpinned. Use it to try a release on a
-few instances, or to hold one back. --count and --percent take instances in id order.
+deployments of the bundle skip it until it is unpinned. Use it to try a release
+on a few instances, or to hold one back. --count and --percent take instances in
+id order.
 
 Examples:
   rollwave pin web site@1.5.0-rc1 --instances i-0a1b,i-0c2d
@@ -151,23 +157,29 @@ Examples:
   rollwave unpin web site";
 
 const STATUS_HELP: &str = "\
-For every bundle: the approved version, how many instances run which version, the
-running deployment, and every instance that differs: drift (runs another version),
-pinned, deploying, missing (runs none), or unhealthy (with its health check's
-detail and since when). --output json lists every instance.
+For every bundle: the approved version, how many instances run which version,
+the running deployment, and every instance that differs: drift (runs another
+version), pinned, deploying, missing (runs none), or unhealthy (with its health
+check's detail and since when). --output json lists every instance.
+
+Without a stack, one line per stack and bundle, with how many instances differ.
 
 Examples:
+  rollwave status
   rollwave status web
   rollwave status web --all
   rollwave status web --output json";
 
 const EVENT_HELP: &str = "\
-Every operator action and every deployment outcome: the newest --limit events,
-oldest first, like the tail of a log.
+Every operator action and every deployment outcome: the newest --limit events
+that pass the filters, oldest first, like the tail of a log. The coordinator
+filters; each filter given must match.
 
 Examples:
   rollwave event list
-  rollwave event list --limit 500 --output json";
+  rollwave event list --stack web --since 2h
+  rollwave event list --instance i-0a1b2c --since 2026-12-06T03:00:00Z
+  rollwave event list --operator alice --limit 500 --output json";
 
 /// A release named on the command line: `BUNDLE@VERSION`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -372,8 +384,8 @@ pub struct UnpinArgs {
 #[derive(Debug, Args)]
 #[command(after_help = STATUS_HELP)]
 pub struct StatusArgs {
-    /// The stack
-    pub stack: String,
+    /// The stack [default: an overview of every stack]
+    pub stack: Option<String>,
     /// List every instance, not only those that differ
     #[arg(long)]
     pub all: bool,
@@ -387,7 +399,31 @@ pub enum EventCommand {
         /// How many events, at most
         #[arg(long, default_value_t = DEFAULT_EVENT_LIMIT)]
         limit: u32,
+        /// Only events about this stack (its instances, deployments, tokens, pins, traffic)
+        #[arg(long)]
+        stack: Option<String>,
+        /// Only events about this instance
+        #[arg(long, value_name = "ID")]
+        instance: Option<String>,
+        /// Only what this operator did
+        #[arg(long, value_name = "NAME")]
+        operator: Option<String>,
+        /// Only events since then: a duration back from now (30m, 2h, 7days) or an RFC 3339 time
+        #[arg(long, value_name = "DURATION|TIME", value_parser = parse_since)]
+        since: Option<SystemTime>,
     },
+}
+
+/// `--since`: "2h" means two hours ago; "2026-12-06T03:00:00Z" (or without the zone, UTC) that time.
+fn parse_since(text: &str) -> Result<SystemTime, String> {
+    if let Ok(ago) = humantime::parse_duration(text) {
+        return SystemTime::now()
+            .checked_sub(ago)
+            .ok_or_else(|| format!("{text} ago is before the start of time"));
+    }
+    humantime::parse_rfc3339_weak(text).map_err(|_| {
+        format!("{text:?} is neither a duration (such as 30m or 2h) nor a time (such as 2026-12-06T03:00:00Z)")
+    })
 }
 
 /// The JSON of `pin`.
@@ -427,7 +463,7 @@ pub async fn deploy(client: &mut OperatorClient, args: DeployArgs, format: Outpu
         return match format {
             OutputFormat::Json => print_item(format, &plan),
             OutputFormat::Table => {
-                print!("{}", render_plan(&args.stack, &args.release, &plan));
+                out!("{}", render_plan(&args.stack, &args.release, &plan))?;
                 Ok(())
             }
         };
@@ -496,15 +532,15 @@ async fn started(
                 .as_deref()
                 .map(|version| format!(" (from {version})"))
                 .unwrap_or_default();
-            println!(
+            outln!(
                 "deployment {} of {} to {}{previous}: {}",
                 deployment.id,
                 deployment.release(),
                 deployment.stack,
                 deployment.summary
-            );
+            )?;
             if deployment.is_running() {
-                eprintln!("follow it: rollwave deployment watch {}", deployment.id);
+                noteln!("follow it: rollwave deployment watch {}", deployment.id);
             }
             Ok(())
         }
@@ -543,7 +579,7 @@ pub async fn deployment(
             match format {
                 OutputFormat::Json => print_item(format, &deployment),
                 OutputFormat::Table => {
-                    print!("{}", render_deployment(&deployment));
+                    out!("{}", render_deployment(&deployment))?;
                     Ok(())
                 }
             }
@@ -575,7 +611,7 @@ async fn control(
     match format {
         OutputFormat::Json => print_item(format, &deployment),
         OutputFormat::Table => {
-            println!("{done} deployment {}: {}", deployment.id, deployment.summary);
+            outln!("{done} deployment {}: {}", deployment.id, deployment.summary)?;
             Ok(())
         }
     }
@@ -625,15 +661,15 @@ pub async fn pin(client: &mut OperatorClient, args: PinArgs, format: OutputForma
         ),
         OutputFormat::Table => {
             if pinned.is_empty() {
-                println!("no instance of {} was pinned", args.stack);
+                outln!("no instance of {} was pinned", args.stack)?;
             } else {
-                println!(
+                outln!(
                     "pinned {} of {} to {}: {}",
                     count_of(pinned.len(), "instance", "instances"),
                     args.stack,
                     args.release,
                     pinned.join(", ")
-                );
+                )?;
             }
             Ok(())
         }
@@ -663,31 +699,34 @@ pub async fn unpin(client: &mut OperatorClient, args: UnpinArgs, format: OutputF
         ),
         OutputFormat::Table => {
             if unpinned.is_empty() {
-                println!("no instance of {} was pinned for {}", args.stack, args.bundle);
+                outln!("no instance of {} was pinned for {}", args.stack, args.bundle)?;
             } else {
                 let returns = if unpinned.len() == 1 {
                     "it returns"
                 } else {
                     "they return"
                 };
-                println!(
+                outln!(
                     "unpinned {} of {} for {}: {}; {returns} to the approved release",
                     count_of(unpinned.len(), "instance", "instances"),
                     args.stack,
                     args.bundle,
                     unpinned.join(", ")
-                );
+                )?;
             }
             Ok(())
         }
     }
 }
 
-/// `rollwave status STACK`.
+/// `rollwave status [STACK]`.
 pub async fn status(client: &mut OperatorClient, args: StatusArgs, format: OutputFormat) -> anyhow::Result<()> {
+    let Some(stack) = args.stack else {
+        return overview(client, format).await;
+    };
     let status = StackStatusView::from(
         client
-            .get_stack_status(pb::GetStackStatusRequest { stack: args.stack })
+            .get_stack_status(pb::GetStackStatusRequest { stack })
             .await
             .map_err(call_error)?
             .into_inner(),
@@ -695,18 +734,85 @@ pub async fn status(client: &mut OperatorClient, args: StatusArgs, format: Outpu
     match format {
         OutputFormat::Json => print_item(format, &status),
         OutputFormat::Table => {
-            print!("{}", render_status(&status, args.all, SystemTime::now()));
+            out!("{}", render_status(&status, args.all, SystemTime::now()))?;
             Ok(())
         }
     }
 }
 
+/// `rollwave status` without a stack: every stack, a line per bundle.
+async fn overview(client: &mut OperatorClient, format: OutputFormat) -> anyhow::Result<()> {
+    let stacks = client
+        .list_stacks(pb::ListStacksRequest {})
+        .await
+        .map_err(call_error)?
+        .into_inner()
+        .stacks;
+    let mut statuses = Vec::with_capacity(stacks.len());
+    for stack in stacks {
+        let status = client
+            .get_stack_status(pb::GetStackStatusRequest { stack: stack.name })
+            .await
+            .map_err(call_error)?
+            .into_inner();
+        statuses.push(StackStatusView::from(status));
+    }
+    match format {
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&statuses)?),
+        OutputFormat::Table => out!("{}", render_overview(&statuses)),
+    }
+}
+
+/// Every stack in a few lines: its bundles and how many instances differ, for `status` without a stack.
+fn render_overview(statuses: &[StackStatusView]) -> String {
+    if statuses.is_empty() {
+        return "no stacks yet: create one with `rollwave stack create NAME`\n".to_owned();
+    }
+    let mut out = String::new();
+    for status in statuses {
+        let _ = writeln!(out, "{}", status.stack);
+        if status.bundles.is_empty() {
+            out.push_str("  no bundle is approved or running yet\n");
+        }
+        for bundle in &status.bundles {
+            let differing = bundle.instances.iter().filter(|instance| instance.differs()).count();
+            let differ = match differing {
+                0 => String::new(),
+                1 => "; 1 differs".to_owned(),
+                count => format!("; {count} differ"),
+            };
+            let _ = writeln!(out, "  {}{differ}", bundle_line(bundle));
+        }
+        if !status.out_of_service.is_empty() {
+            let _ = writeln!(
+                out,
+                "  out of the load balancer: {}",
+                count_of(status.out_of_service.len(), "instance", "instances")
+            );
+        }
+    }
+    out.push_str("\nper instance: rollwave status STACK\n");
+    out
+}
+
 /// `rollwave event list`.
 pub async fn event(client: &mut OperatorClient, command: EventCommand, format: OutputFormat) -> anyhow::Result<()> {
     match command {
-        EventCommand::List { limit } => {
+        EventCommand::List {
+            limit,
+            stack,
+            instance,
+            operator,
+            since,
+        } => {
             let events = client
-                .list_events(pb::ListEventsRequest { limit })
+                .list_events(pb::ListEventsRequest {
+                    limit,
+                    stack: stack.unwrap_or_default(),
+                    instance: instance.unwrap_or_default(),
+                    actor: operator.unwrap_or_default(),
+                    since_unix_ms: since.map(crate::model::unix_ms).unwrap_or_default(),
+                })
                 .await
                 .map_err(call_error)?
                 .into_inner()
@@ -766,7 +872,7 @@ async fn watch(client: &mut OperatorClient, id: &str, format: OutputFormat) -> a
     match format {
         OutputFormat::Json => print_item(format, &last)?,
         // A failure is told once, by the error (with its reason) that sets the exit code.
-        OutputFormat::Table if last.status == "succeeded" => println!("{}", status_line(&last)),
+        OutputFormat::Table if last.status == "succeeded" => outln!("{}", status_line(&last))?,
         OutputFormat::Table => {}
     }
     outcome(&last)
@@ -829,12 +935,6 @@ impl Progress {
     }
 }
 
-/// Progress is a courtesy: a closed stderr must not end the watch (the outcome still decides the exit code).
-fn write_stderr(text: &str) {
-    let mut stderr = std::io::stderr().lock();
-    let _ = stderr.write_all(text.as_bytes()).and_then(|()| stderr.flush());
-}
-
 /// Moves up over the `drawn_lines` of the previous block, clears to the end of the screen and prints `block`.
 /// Line wrapping is off while it prints, so that every line takes one row and the next redraw finds the top.
 fn redraw(drawn_lines: usize, block: &[String]) -> String {
@@ -849,15 +949,6 @@ fn redraw(drawn_lines: usize, block: &[String]) -> String {
     }
     text.push_str("\x1b[?7h");
     text
-}
-
-/// "1 instance", "3 instances".
-fn count_of(count: usize, one: &str, many: &str) -> String {
-    if count == 1 {
-        format!("1 {one}")
-    } else {
-        format!("{count} {many}")
-    }
 }
 
 /// "3 settled, 1 activating", in lifecycle order.
@@ -1653,9 +1744,50 @@ mod tests {
             other => panic!("parsed as {other:?}"),
         }
         match parse(&["event", "list"]).expect("event list").command {
-            Command::Event(EventCommand::List { limit }) => assert_eq!(limit, 50),
+            Command::Event(EventCommand::List { limit, .. }) => assert_eq!(limit, 50),
             other => panic!("parsed as {other:?}"),
         }
+        let args = [
+            "event",
+            "list",
+            "--stack",
+            "web",
+            "--instance",
+            "i-1",
+            "--operator",
+            "alice",
+            "--since",
+            "2h",
+        ];
+        match parse(&args).expect("event list with filters").command {
+            Command::Event(EventCommand::List {
+                stack,
+                instance,
+                operator,
+                since,
+                ..
+            }) => {
+                assert_eq!(
+                    (stack.as_deref(), instance.as_deref(), operator.as_deref()),
+                    (Some("web"), Some("i-1"), Some("alice"))
+                );
+                let ago = SystemTime::now()
+                    .duration_since(since.expect("since"))
+                    .expect("in the past");
+                assert!(
+                    ago >= Duration::from_secs(7200) && ago < Duration::from_secs(7300),
+                    "{ago:?}"
+                );
+            }
+            other => panic!("parsed as {other:?}"),
+        }
+        let at = parse(&["event", "list", "--since", "2026-12-06T03:00:00Z"]).expect("a time");
+        assert!(matches!(
+            at.command,
+            Command::Event(EventCommand::List { since: Some(_), .. })
+        ));
+        let refused = parse(&["event", "list", "--since", "yesterday"]).expect_err("not a time");
+        assert!(refused.to_string().contains("neither a duration"), "{refused}");
     }
 
     fn instance(id: &str, state: &str, detail: Option<&str>) -> DeploymentInstanceView {
@@ -2083,5 +2215,44 @@ mod tests {
             no bundle is approved or running yet
         "#]]
         .assert_eq(&render_status(&status, false, SystemTime::UNIX_EPOCH));
+    }
+
+    #[test]
+    fn status_without_a_stack_shows_every_stack() {
+        let web = StackStatusView {
+            stack: "web".into(),
+            out_of_service: Vec::new(),
+            duplicate_identity: Vec::new(),
+            bundles: vec![BundleStatusView {
+                bundle: "site".into(),
+                approved_version: Some("2.0".into()),
+                running: [("2.0".to_owned(), 2), ("1.0".to_owned(), 1)].into_iter().collect(),
+                deployment_id: None,
+                instances: vec![
+                    instance_status("i-1", "2.0", "ok", "", true),
+                    instance_status("i-2", "2.0", "ok", "", true),
+                    instance_status("i-3", "1.0", "drift", "runs 1.0", true),
+                ],
+            }],
+        };
+        let batch = StackStatusView {
+            stack: "batch".into(),
+            out_of_service: Vec::new(),
+            duplicate_identity: Vec::new(),
+            bundles: Vec::new(),
+        };
+        expect![[r#"
+            web
+              site: approved 2.0; running 2.0 ×2, 1.0 ×1; 1 differs
+            batch
+              no bundle is approved or running yet
+
+            per instance: rollwave status STACK
+        "#]]
+        .assert_eq(&render_overview(&[web, batch]));
+        match parse(&["status"]).expect("status without a stack").command {
+            Command::Status(args) => assert_eq!(args.stack, None),
+            other => panic!("parsed as {other:?}"),
+        }
     }
 }

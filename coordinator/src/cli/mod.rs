@@ -1,6 +1,7 @@
 //! The `rollwave` command line: the server, the demo, and the operator
 //! commands that talk to a coordinator over gRPC.
 
+pub mod console;
 pub mod deploy;
 pub mod git;
 pub mod output;
@@ -12,13 +13,14 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory as _, FromArgMatches as _, Parser, Subcommand};
 use rollwave_proto::v1 as pb;
 use rollwave_proto::v1::operator_service_client::OperatorServiceClient;
 use tonic::metadata::MetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 
+use self::console::{noteln, outln};
 use self::deploy::{DeployArgs, DeploymentCommand, EventCommand, PinArgs, RollbackArgs, StatusArgs, UnpinArgs};
 use self::output::{InstanceView, OutputFormat, StackView, TokenView, print_item, print_list};
 use self::profile::{ConfigError, Profile, ProfileFlags};
@@ -34,9 +36,10 @@ pub const EXIT_CONFIG: u8 = 64;
     about = "Deploy releases to fleets of instances without taking the site down",
     long_about = "Rollwave keeps every instance of a stack on the stack's approved release.\n\n\
         `rollwave server` runs the coordinator; the other commands talk to it.\n\
-        Connection settings come from flags, else ROLLWAVE_ADDR / ROLLWAVE_TOKEN / ROLLWAVE_CA,\n\
-        else a config file (--config, ROLLWAVE_CONFIG, or ~/.config/rollwave/cli.toml).\n\
-        The server writes a ready-made one to DATA_DIR/cli.toml.\n\n\
+        Connection settings come from flags, else ROLLWAVE_ADDR / ROLLWAVE_TOKEN /\n\
+        ROLLWAVE_CA, else a config file (--config, ROLLWAVE_CONFIG, or\n\
+        ~/.config/rollwave/cli.toml). The server writes a ready-made one to\n\
+        DATA_DIR/cli.toml.\n\n\
         Exit codes: 0 ok, 1 failure, 2 usage error, 64 bad configuration.",
     after_help = "Try `rollwave demo` to watch a coordinator and six agents on this machine."
 )]
@@ -105,8 +108,52 @@ pub enum Command {
     Traffic(traffic::TrafficCommand),
 }
 
+/// The operator CLI's connection flags, on `server` and `demo`, where they would do nothing (and
+/// `--ca` beside `--ca-cert` is easy to confuse): hidden from their help and refused with a pointer
+/// to what was probably meant. Same names and types as [`ConnectionArgs`], whose global flags
+/// would otherwise be listed there.
+#[derive(Debug, Args)]
+pub struct NoConnectionArgs {
+    #[arg(long, hide = true, value_parser = refuse_client_flag::<String>("--addr", "the server listens on --listen"))]
+    pub addr: Option<String>,
+    #[arg(long, hide = true, value_parser = refuse_client_flag::<String>("--token", "the server writes its operator token to DATA_DIR"))]
+    pub token: Option<String>,
+    #[arg(long, hide = true, value_parser = refuse_client_flag::<PathBuf>("--ca", "the server's own CA is --ca-cert and --ca-key"))]
+    pub ca: Option<PathBuf>,
+    #[arg(long, hide = true, value_parser = refuse_client_flag::<PathBuf>("--config", "the server is configured by its flags"))]
+    pub config: Option<PathBuf>,
+}
+
+impl ConnectionArgs {
+    /// The first connection flag given, for commands that take none.
+    pub fn given(&self) -> Option<&'static str> {
+        [
+            ("--addr", self.addr.is_some()),
+            ("--token", self.token.is_some()),
+            ("--ca", self.ca.is_some()),
+            ("--config", self.config.is_some()),
+        ]
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
+    }
+}
+
+/// A value parser that refuses an operator connection flag where it does not apply.
+fn refuse_client_flag<T>(
+    flag: &'static str,
+    instead: &'static str,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static {
+    move |_| {
+        Err(format!(
+            "{flag} is a flag of the operator commands, not of this one; {instead}"
+        ))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ServerArgs {
+    #[command(flatten)]
+    pub no_connection: NoConnectionArgs,
     /// Where the database, the CA and the operator token live (created if missing)
     #[arg(long)]
     pub data_dir: PathBuf,
@@ -214,6 +261,8 @@ directory, with every agent's and app's log, is then kept).";
 #[derive(Debug, Args)]
 #[command(after_help = DEMO_HELP)]
 pub struct DemoArgs {
+    #[command(flatten)]
+    pub no_connection: NoConnectionArgs,
     /// Number of local agents
     #[arg(long, default_value_t = 6)]
     pub agents: usize,
@@ -258,11 +307,11 @@ pub enum TokenCommand {
         /// Stack the joining instances belong to
         #[arg(long)]
         stack: String,
-        /// How long the token is valid
-        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        /// How long the token is valid: 1s to 30 days
+        #[arg(long, default_value = "1h", value_parser = parse_token_ttl)]
         ttl: Duration,
-        /// How many instances may join with it
-        #[arg(long, default_value_t = 1)]
+        /// How many instances may join with it: 1 to 100000
+        #[arg(long, default_value_t = 1, value_parser = parse_token_uses)]
         uses: u32,
     },
     /// List join tokens (never their secrets)
@@ -272,6 +321,44 @@ pub enum TokenCommand {
     },
     /// Revoke a join token
     Revoke { id: String },
+}
+
+/// Parses the command line (exiting with usage errors as clap does), with help laid out for at
+/// least [`console::HELP_MIN_WIDTH`] columns so example command lines stay whole.
+pub fn parse_command_line() -> Cli {
+    let mut command = Cli::command().term_width(console::help_width());
+    let cli = command
+        .try_get_matches_from_mut(std::env::args_os())
+        .and_then(|matches| Cli::from_arg_matches(&matches))
+        .unwrap_or_else(|error| error.format(&mut command).exit());
+    if matches!(cli.command, Command::Server(_) | Command::Demo(_))
+        && let Some(flag) = cli.connection.given()
+    {
+        // Given before the subcommand, a global flag reaches `server` and `demo` unchecked.
+        command
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!("{flag} is a flag of the operator commands; `rollwave server` and `rollwave demo` take none"),
+            )
+            .exit();
+    }
+    cli
+}
+
+/// `--ttl` of `token create`, refused on the command line by the coordinator's own rule.
+fn parse_token_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = humantime::parse_duration(text).map_err(|error| error.to_string())?;
+    crate::model::token_terms(Some(ttl), None).map_err(|error| error.to_string())?;
+    Ok(ttl)
+}
+
+/// `--uses` of `token create`, refused on the command line by the coordinator's own rule.
+fn parse_token_uses(text: &str) -> Result<u32, String> {
+    let uses = text
+        .parse()
+        .map_err(|error: std::num::ParseIntError| error.to_string())?;
+    crate::model::token_terms(None, Some(uses)).map_err(|error| error.to_string())?;
+    Ok(uses)
 }
 
 type AuthInterceptor = Box<dyn FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Send + Sync>;
@@ -382,27 +469,27 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
                 .remove_instance(pb::RemoveInstanceRequest { id: id.clone() })
                 .await
                 .map_err(call_error)?;
-            eprintln!("removed instance {id}; its certificate no longer works");
+            noteln!("removed instance {id}; its certificate no longer works");
             Ok(())
         }
         Command::Token(TokenCommand::Create { stack, ttl, uses }) => {
             let created = client
                 .create_token(pb::CreateTokenRequest {
                     stack,
-                    ttl_seconds: ttl.as_secs().max(1),
-                    uses,
+                    ttl_seconds: Some(ttl.as_secs()),
+                    uses: Some(uses),
                 })
                 .await
                 .map_err(call_error)?
                 .into_inner();
             match format {
-                OutputFormat::Table => println!("{}", created.token),
+                OutputFormat::Table => outln!("{}", created.token)?,
                 OutputFormat::Json => {
                     let info = created.info.map(TokenView::from);
-                    println!(
+                    outln!(
                         "{}",
                         serde_json::to_string_pretty(&serde_json::json!({ "token": created.token, "info": info }))?
-                    );
+                    )?;
                 }
             }
             Ok(())
@@ -423,7 +510,7 @@ pub async fn run_operator_command(cli: Cli, env: &dyn profile::Environment) -> a
                 .revoke_token(pb::RevokeTokenRequest { id: id.clone() })
                 .await
                 .map_err(call_error)?;
-            eprintln!("revoked join token {id}");
+            noteln!("revoked join token {id}");
             Ok(())
         }
         Command::Deploy(args) => deploy::deploy(&mut client, args, format).await,

@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::console::{out, outln};
 use rollwave_proto::v1 as pb;
 use serde::Serialize;
 
@@ -558,6 +559,10 @@ pub struct EventView {
     pub target: String,
     pub outcome: String,
     pub detail: String,
+    /// The stack the event concerns; `null` for none.
+    pub stack: Option<String>,
+    /// The instance the event concerns; `null` for none.
+    pub instance: Option<String>,
 }
 
 impl From<pb::AuditEvent> for EventView {
@@ -569,6 +574,8 @@ impl From<pb::AuditEvent> for EventView {
             target: event.target,
             outcome: event.outcome,
             detail: event.detail,
+            stack: non_empty(event.stack),
+            instance: non_empty(event.instance),
         }
     }
 }
@@ -616,8 +623,8 @@ pub fn table<T: Tabular>(items: &[T]) -> String {
 /// Prints a list in the chosen format.
 pub fn print_list<T: Tabular + Serialize>(format: OutputFormat, items: &[T]) -> anyhow::Result<()> {
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(items)?),
-        OutputFormat::Table => print!("{}", table(items)),
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(items)?)?,
+        OutputFormat::Table => out!("{}", table(items))?,
     }
     Ok(())
 }
@@ -626,27 +633,110 @@ pub fn print_list<T: Tabular + Serialize>(format: OutputFormat, items: &[T]) -> 
 pub fn print_item<T: Serialize>(format: OutputFormat, item: &T) -> anyhow::Result<()> {
     let value = serde_json::to_value(item)?;
     match format {
-        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&value)?),
-        OutputFormat::Table => {
-            if let serde_json::Value::Object(fields) = value {
-                let width = fields.keys().map(String::len).max().unwrap_or(0);
-                for (key, field) in fields {
-                    let text = match field {
-                        serde_json::Value::String(text) => text,
-                        serde_json::Value::Null => "-".to_owned(),
-                        other => other.to_string(),
-                    };
-                    println!("{key:<width$}  {text}");
-                }
-            }
-        }
+        OutputFormat::Json => outln!("{}", serde_json::to_string_pretty(&value)?)?,
+        OutputFormat::Table => out!("{}", item_lines(&value))?,
     }
     Ok(())
+}
+
+/// `key  value` lines of an item for people: nested lists and maps are spelled out (a list of
+/// records one record per line, `key=value` pairs), never printed as raw JSON.
+fn item_lines(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    /// A scalar as text; "-" for null.
+    fn scalar(value: &Value) -> String {
+        match value {
+            Value::String(text) => text.clone(),
+            Value::Null => "-".to_owned(),
+            other => other.to_string(),
+        }
+    }
+    /// `key=value key=value` for a map, comma-separated items for a list of scalars.
+    fn inline(value: &Value) -> String {
+        match value {
+            Value::Object(fields) => fields
+                .iter()
+                .map(|(key, field)| format!("{key}={}", inline(field)))
+                .collect::<Vec<_>>()
+                .join(" "),
+            Value::Array(items) => items.iter().map(inline).collect::<Vec<_>>().join(", "),
+            other => scalar(other),
+        }
+    }
+    let Value::Object(fields) = value else {
+        return format!("{}\n", inline(value));
+    };
+    let width = fields.keys().map(String::len).max().unwrap_or(0);
+    let mut text = String::new();
+    for (key, field) in fields {
+        let lines: Vec<String> = match field {
+            Value::Array(items) if items.iter().any(|item| item.is_object() || item.is_array()) => {
+                items.iter().map(inline).collect()
+            }
+            other => vec![inline(other)],
+        };
+        // An empty text, list or map shows as "-", as null does.
+        let mut lines = lines.into_iter().filter(|line| !line.is_empty());
+        let first = lines.next().unwrap_or_else(|| "-".to_owned());
+        text.push_str(&format!("{key:<width$}  {first}\n"));
+        for line in lines {
+            text.push_str(&format!("{:<width$}  {line}\n", ""));
+        }
+    }
+    text
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn instance_show_spells_out_tags_and_releases_instead_of_raw_json() {
+        let instance = InstanceView::from(pb::Instance {
+            id: "i-1".into(),
+            stack: "web".into(),
+            zone: "z1".into(),
+            tags: [
+                ("role".to_owned(), "api".to_owned()),
+                ("team".to_owned(), "core".to_owned()),
+            ]
+            .into_iter()
+            .collect(),
+            observed: vec![
+                pb::InstanceRelease {
+                    bundle: "app".into(),
+                    version: "1.0".into(),
+                    sha256: "9f2c".into(),
+                    state: "current".into(),
+                },
+                pb::InstanceRelease {
+                    bundle: "app".into(),
+                    version: "2.0".into(),
+                    sha256: "41aa".into(),
+                    state: "prepared".into(),
+                },
+            ],
+            ..Default::default()
+        });
+        let text = item_lines(&serde_json::to_value(&instance).expect("JSON"));
+        assert!(!text.contains(['{', '[', '"']), "raw JSON in table output:\n{text}");
+        expect_test::expect![[r#"
+            agent_version        -
+            certificate_expires  -
+            hostname             -
+            id                   i-1
+            joined_at            -
+            last_seen            -
+            layer                -
+            observed             bundle=app sha256=9f2c state=current version=1.0
+                                 bundle=app sha256=41aa state=prepared version=2.0
+            presence             -
+            stack                web
+            tags                 role=api team=core
+            zone                 z1
+        "#]]
+        .assert_eq(&text);
+    }
 
     #[test]
     fn tables_align_columns() {

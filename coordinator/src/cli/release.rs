@@ -6,10 +6,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand, ValueEnum};
+use rollwave_artifacts::BucketVersioning;
 use rollwave_proto::v1 as pb;
-use rollwave_release::BuildOutput;
+use rollwave_release::{BuildOutput, LeftOut};
 use serde::Serialize;
 
+use super::console::outln;
 use super::git::Repository;
 use super::output::{OutputFormat, ReleaseView, print_item, print_list};
 use super::profile::{self, Environment, ProfileFlags, S3Flags};
@@ -19,10 +21,15 @@ const BUILD_HELP: &str = "\
 Examples:
   rollwave release build ./site --out site-1.4.2.zip
   rollwave release build --git-ref v1.4.2 --out site-1.4.2.zip
-  rollwave release build --git-ref 1a2b3c4 --repo ~/src/site --out site-1a2b3c4.zip
+  rollwave release build --git-ref 1a2b3c4 --repo ~/src/site \\
+      --out site-1a2b3c4.zip
 
 The same files always give the same bytes (and so the same sha256): entries
 are sorted, timestamps and owners dropped, and only the executable bit kept.
+Version-control directories (.git, .hg, .svn) are left out, and so is what a
+.rollwaveignore at the root names (gitignore syntax, such as *.env or
+/secrets/; a !pattern takes something back in); the build lists what it left
+out.
 A rollwave.toml or appspec.yml at the root is validated now, not at deploy
 time. With --git-ref the files come from the commit's tree (not the working
 copy): give a tag or a commit id; a branch is refused because it moves.
@@ -30,8 +37,10 @@ No coordinator is needed.";
 
 const PUSH_HELP: &str = "\
 Examples:
-  rollwave release push site-1.4.2.zip --bundle site --version 1.4.2 --bucket my-releases
-  ROLLWAVE_S3_BUCKET=my-releases rollwave release push chef.zip --bundle chef --version 7 --kind cookbook
+  rollwave release push site-1.4.2.zip --bundle site --version 1.4.2 \\
+      --bucket my-releases
+  ROLLWAVE_S3_BUCKET=my-releases rollwave release push chef.zip --bundle chef \\
+      --version 7 --kind cookbook
   rollwave release push site.zip --bundle site --version 1.4.2 --bucket dev \\
       --s3-endpoint http://127.0.0.1:9000 --s3-path-style
 
@@ -42,8 +51,9 @@ file again changes nothing, and different content under a registered version
 is refused before anything is uploaded.
 
 The bucket must have versioning enabled, so the registered bytes cannot be
-replaced under the same key; --allow-unversioned accepts an unversioned
-bucket and relies on the sha256 alone.
+replaced under the same key; this is checked before anything is uploaded.
+--allow-unversioned accepts an unversioned bucket and relies on the sha256
+alone.
 
 S3 settings: flags, else ROLLWAVE_S3_BUCKET, ROLLWAVE_S3_ENDPOINT,
 ROLLWAVE_S3_REGION, ROLLWAVE_S3_PATH_STYLE, else the [s3] table of the
@@ -156,6 +166,18 @@ struct BuildView {
     git_commit: Option<String>,
     /// The tag's full name, for builds from a Git tag.
     git_tag: Option<String>,
+    /// What the tree held that the archive does not: version-control directories and what
+    /// `.rollwaveignore` names.
+    left_out: Vec<LeftOutView>,
+}
+
+/// An entry `release build` left out (with everything under it, for a directory).
+#[derive(Debug, Serialize)]
+struct LeftOutView {
+    /// The path in the tree; a directory's ends with `/`.
+    path: String,
+    /// "version control", or ".rollwaveignore: PATTERN".
+    reason: String,
 }
 
 /// The JSON of `release push`.
@@ -244,8 +266,16 @@ fn print_build(
                 entries: output.entries,
                 git_commit,
                 git_tag,
+                left_out: output
+                    .left_out
+                    .iter()
+                    .map(|left| LeftOutView {
+                        path: left_out_path(left),
+                        reason: left.reason.clone(),
+                    })
+                    .collect(),
             };
-            println!("{}", serde_json::to_string_pretty(&view)?);
+            outln!("{}", serde_json::to_string_pretty(&view)?)?;
         }
         OutputFormat::Table => {
             let from = match (&git_tag, &git_commit) {
@@ -254,16 +284,37 @@ fn print_build(
                 _ => String::new(),
             };
             let plural = if output.entries == 1 { "entry" } else { "entries" };
-            println!(
+            outln!(
                 "built {}{from}: {} {plural}, {} bytes\nsha256 {}",
                 out.display(),
                 output.entries,
                 output.size,
                 output.sha256
-            );
+            )?;
+            if !output.left_out.is_empty() {
+                let width = output
+                    .left_out
+                    .iter()
+                    .map(|left| left_out_path(left).len())
+                    .max()
+                    .unwrap_or(0);
+                outln!("left out (not in the archive):")?;
+                for left in &output.left_out {
+                    outln!("  {:<width$}  {}", left_out_path(left), left.reason)?;
+                }
+            }
         }
     }
     Ok(())
+}
+
+/// A left-out path as shown: a directory's with a trailing `/`.
+fn left_out_path(left: &LeftOut) -> String {
+    if left.is_dir {
+        format!("{}/", left.path)
+    } else {
+        left.path.clone()
+    }
 }
 
 /// An archive written inside the directory it archives would end up in the next build.
@@ -336,14 +387,30 @@ async fn push(args: PushArgs, flags: &ProfileFlags, format: OutputFormat, env: &
     check_bundle_kind(&mut client, &args.bundle, args.kind).await?;
 
     let s3 = rollwave_artifacts::client(&target.settings, rollwave_artifacts::InstanceMetadata::Allowed).await;
+    // Asked before uploading, so a refused push leaves the bucket untouched.
+    if !args.allow_unversioned {
+        let versioning = rollwave_artifacts::bucket_versioning(&s3, &target.bucket).await?;
+        if versioning != BucketVersioning::Enabled {
+            let state = match versioning {
+                BucketVersioning::Suspended => "has versioning suspended",
+                _ => "does not keep object versions",
+            };
+            anyhow::bail!(
+                "release {name} was NOT pushed: bucket {bucket} {state}, so anyone could later replace the archive \
+                 under the same key and instances could not be pinned to these bytes; nothing was uploaded. \
+                 {ENABLE_VERSIONING}",
+                bucket = target.bucket,
+                ENABLE_VERSIONING = enable_versioning(&target.bucket)
+            );
+        }
+    }
     let uploaded = rollwave_artifacts::upload(&s3, &target.bucket, &key, &args.file, &sha256.to_hex()).await?;
     if uploaded.version_id.is_none() && !args.allow_unversioned {
+        // The bucket said it keeps versions, yet the upload got none (a store that ignores versioning).
         anyhow::bail!(
-            "release {name} was NOT registered: s3://{bucket}/{key} was uploaded, but bucket {bucket} does not keep \
-             object versions, so anyone could later replace the archive under the same key and instances could not \
-             be pinned to these bytes. Enable versioning on the bucket (for example \
-             `aws s3api put-bucket-versioning --bucket {bucket} --versioning-configuration Status=Enabled`) and push \
-             again, or pass --allow-unversioned to rely on the sha256 alone",
+            "release {name} was NOT registered: s3://{bucket}/{key} was uploaded, but the store assigned it no \
+             object version although bucket {bucket} reports versioning enabled. {}",
+            enable_versioning(&target.bucket),
             bucket = target.bucket
         );
     }
@@ -370,6 +437,15 @@ async fn push(args: PushArgs, flags: &ProfileFlags, format: OutputFormat, env: &
         "registered"
     };
     print_push(format, &name, status, true, release)
+}
+
+/// The way out of a refusal for want of versioning.
+fn enable_versioning(bucket: &str) -> String {
+    format!(
+        "Enable versioning on the bucket (for example `aws s3api put-bucket-versioning --bucket {bucket} \
+         --versioning-configuration Status=Enabled`) and push again, or pass --allow-unversioned to rely on the \
+         sha256 alone"
+    )
 }
 
 /// Refuses, before anything is uploaded, a kind other than the bundle's.
@@ -411,7 +487,7 @@ fn print_push(
                 uploaded,
                 release,
             };
-            println!("{}", serde_json::to_string_pretty(&view)?);
+            outln!("{}", serde_json::to_string_pretty(&view)?)?;
         }
         OutputFormat::Table => {
             let location = match &release.object_version {
@@ -419,16 +495,17 @@ fn print_push(
                 None => format!("s3://{}/{} (unversioned bucket)", release.bucket, release.key),
             };
             if status == "registered" {
-                println!(
+                outln!(
                     "registered {name}: {location}, sha256 {}, {} bytes",
-                    release.sha256, release.size
-                );
+                    release.sha256,
+                    release.size
+                )?;
             } else {
                 let upload_note = if uploaded { "" } else { "; nothing uploaded" };
-                println!(
+                outln!(
                     "{name} is already registered with the same content (sha256 {}) at {location}{upload_note}",
                     release.sha256
-                );
+                )?;
             }
         }
     }

@@ -9,22 +9,27 @@ use clap::{Args, Subcommand};
 use rollwave_proto::v1 as pb;
 use serde::Serialize;
 
+use super::console::outln;
 use super::output::{OutputFormat, print_item};
 use super::{OperatorClient, call_error};
 
 const TRAFFIC_HELP: &str = "\
-A stack with traffic settings drains every instance from its load balancer before the instance
-switches releases, and returns it once the agent reports it healthy (`rollwave deploy --no-drain`
-skips this for one deployment). An instance is named in the load balancer by a template filled from
-its facts: {instance} (its id), {hostname}, {zone}, {layer} and {tag:NAME} (a [tags] entry of its
-agent.toml). Settings for a layer (--layer) apply to that layer's instances; the others use the
-stack's.
+A stack with traffic settings drains every instance from its load balancer
+before the instance switches releases, and returns it once the agent reports it
+healthy (`rollwave deploy --no-drain` skips this for one deployment). An
+instance is named in the load balancer by a template filled from its facts:
+{instance} (its id), {hostname}, {zone}, {layer} and {tag:NAME} (a [tags] entry
+of its agent.toml). Settings for a layer (--layer) apply to that layer's
+instances; the others use the stack's.
 
 Examples:
-  rollwave traffic set web haproxy --runtime-api unix:/run/haproxy/admin.sock --backend app --server '{hostname}'
-  rollwave traffic set web aws-elbv2 --target-group arn:aws:elasticloadbalancing:...:targetgroup/web/0123 \\
+  rollwave traffic set web haproxy --runtime-api unix:/run/haproxy/admin.sock \\
+      --backend app --server '{hostname}'
+  rollwave traffic set web aws-elbv2 \\
+      --target-group arn:aws:elasticloadbalancing:...:targetgroup/web/0123 \\
       --target '{tag:ec2-instance-id}'
-  rollwave traffic set web command --drain /usr/local/bin/lb-drain --undrain /usr/local/bin/lb-undrain
+  rollwave traffic set web command --drain /usr/local/bin/lb-drain \\
+      --undrain /usr/local/bin/lb-undrain
   rollwave traffic show web
   rollwave traffic clear web";
 
@@ -249,17 +254,17 @@ pub async fn traffic(client: &mut OperatorClient, command: TrafficCommand, forma
         OutputFormat::Json => print_item(format, &view),
         OutputFormat::Table => {
             if view.settings.is_empty() {
-                println!(
+                outln!(
                     "{}: no traffic provider; deployments switch instances while they take traffic",
                     view.stack
-                );
+                )?;
             }
             for settings in &view.settings {
                 let whose = settings
                     .layer
                     .as_deref()
                     .map_or_else(|| view.stack.clone(), |layer| format!("{} layer {layer}", view.stack));
-                println!("{whose}: {}", settings.description);
+                outln!("{whose}: {}", settings.description)?;
             }
             Ok(())
         }

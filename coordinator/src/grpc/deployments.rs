@@ -11,7 +11,7 @@ use tonic::Status;
 
 use super::{ServiceError, Shared};
 use crate::deployer::{DeployError, DeploymentRequest};
-use crate::model::unix_ms;
+use crate::model::{EventFilter, unix_ms};
 use crate::planner::{Amount, Plan, RollingOptions, SkipReason, Strategy, WaveKind};
 use crate::presence::Presence;
 use crate::rollout::RolloutOptions;
@@ -442,9 +442,20 @@ fn display_version(version: &str) -> &str {
     if version.is_empty() { "none" } else { version }
 }
 
-pub async fn list_events(shared: &Shared, limit: u32) -> Result<pb::ListEventsResponse, Status> {
-    let limit = if limit == 0 { 50 } else { limit.min(10_000) };
-    let events = shared.store.list_events(limit).await.map_err(ServiceError::from)?;
+pub async fn list_events(shared: &Shared, request: pb::ListEventsRequest) -> Result<pb::ListEventsResponse, Status> {
+    let non_empty = |text: String| (!text.is_empty()).then_some(text);
+    let filter = EventFilter {
+        limit: if request.limit == 0 {
+            50
+        } else {
+            request.limit.min(10_000)
+        },
+        stack: non_empty(request.stack),
+        instance: non_empty(request.instance),
+        actor: non_empty(request.actor),
+        since_ms: (request.since_unix_ms != 0).then_some(request.since_unix_ms),
+    };
+    let events = shared.store.list_events(&filter).await.map_err(ServiceError::from)?;
     Ok(pb::ListEventsResponse {
         events: events
             .into_iter()
@@ -455,6 +466,8 @@ pub async fn list_events(shared: &Shared, limit: u32) -> Result<pb::ListEventsRe
                 target: event.target,
                 outcome: event.outcome,
                 detail: event.detail,
+                stack: event.stack,
+                instance: event.instance,
             })
             .collect(),
     })

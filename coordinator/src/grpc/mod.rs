@@ -53,6 +53,9 @@ impl Shared {
             target: target.to_owned(),
             outcome: outcome.to_owned(),
             detail,
+            // Derived from the target by the store.
+            stack: String::new(),
+            instance: String::new(),
         };
         if let Err(error) = self.store.record_event(&event).await {
             tracing::error!(%error, action, target, "could not record audit event");

@@ -11,14 +11,10 @@ use tonic::{Request, Response, Status};
 
 use super::{ServiceError, Shared, deployments, random_hex, secret_hash, traffic};
 use crate::model::{
-    BundleKind, Instance, InvalidInput, JoinTokenRecord, Release, Stack, Stage, parse_sha256, unix_ms, validate_name,
+    BundleKind, Instance, InvalidInput, JoinTokenRecord, Release, Stack, Stage, parse_sha256, token_terms, unix_ms,
+    validate_name,
 };
 use crate::store::StoreError;
-
-/// Longest join token lifetime: a token is a bootstrap credential, not an account.
-const MAX_TOKEN_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
-const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(3600);
-const MAX_TOKEN_USES: u32 = 100_000;
 
 /// The authenticated operator, put into request extensions by [`OperatorAuth`].
 #[derive(Debug, Clone)]
@@ -288,22 +284,8 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
     ) -> Result<Response<pb::CreateTokenResponse>, Status> {
         let actor = operator_of(&request);
         let request = request.into_inner();
-        let ttl = match request.ttl_seconds {
-            0 => DEFAULT_TOKEN_TTL,
-            seconds => Duration::from_secs(seconds),
-        };
-        if ttl > MAX_TOKEN_TTL {
-            return Err(ServiceError::BadRequest(format!(
-                "token ttl {} is longer than the maximum of {}",
-                humantime::format_duration(ttl),
-                humantime::format_duration(MAX_TOKEN_TTL)
-            ))
-            .into());
-        }
-        let uses = request.uses.max(1);
-        if uses > MAX_TOKEN_USES {
-            return Err(ServiceError::BadRequest(format!("at most {MAX_TOKEN_USES} uses per token")).into());
-        }
+        let (ttl, uses) =
+            token_terms(request.ttl_seconds.map(Duration::from_secs), request.uses).map_err(ServiceError::from)?;
         let now_ms = unix_ms(SystemTime::now());
         let token = JoinToken {
             id: random_hex(6),
@@ -527,8 +509,9 @@ impl pb::operator_service_server::OperatorService for OperatorApi {
         &self,
         request: Request<pb::ListEventsRequest>,
     ) -> Result<Response<pb::ListEventsResponse>, Status> {
-        let limit = request.into_inner().limit;
-        Ok(Response::new(deployments::list_events(&self.shared, limit).await?))
+        Ok(Response::new(
+            deployments::list_events(&self.shared, request.into_inner()).await?,
+        ))
     }
 
     async fn set_traffic(&self, request: Request<pb::SetTrafficRequest>) -> Result<Response<pb::StackTraffic>, Status> {

@@ -219,3 +219,176 @@ fn refuses_invalid_manifest() {
         "appspec.yml: the \"files\" section is not supported",
     );
 }
+
+/// The entry names an archive holds, in order.
+fn archive_names(path: &Path) -> Vec<String> {
+    let archive = zip::ZipArchive::new(File::open(path).expect("open archive")).expect("read archive");
+    archive
+        .file_names()
+        .map(|name| name.expect("an entry name").into_owned())
+        .collect()
+}
+
+/// `make_tree` plus version-control directories, files a `.rollwaveignore` names, and the file.
+fn make_tree_with_secrets(root: &Path) {
+    make_tree(root, false);
+    for (path, contents) in [
+        (
+            ".git/config",
+            "[remote \"origin\"]\n\turl = https://user:secret@example.com/site.git\n",
+        ),
+        (".git/objects/ab/cdef", "history"),
+        ("static/.svn/entries", "svn"),
+        (".hg/store/data", "hg"),
+        ("config/prod.env", "DB_PASSWORD=secret\n"),
+        ("config/keep.env", "PUBLIC=1\n"),
+        ("secrets/tls.key", "key"),
+        (
+            "static/secrets/not-anchored.txt",
+            "anchored patterns only match at the root",
+        ),
+        (
+            ".rollwaveignore",
+            "# credentials stay in the checkout\n*.env\n!keep.env\n/secrets/\n",
+        ),
+    ] {
+        let full = root.join(path);
+        fs::create_dir_all(full.parent().expect("has parent")).expect("mkdir");
+        fs::write(full, contents).expect("write");
+    }
+}
+
+#[test]
+fn a_directory_build_leaves_out_version_control_and_what_rollwaveignore_names() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("tree");
+    make_tree_with_secrets(&tree);
+    let out = work.path().join("out.zip");
+    let output = build(&tree, &out);
+    let left_out: Vec<(&str, bool, &str)> = output
+        .left_out
+        .iter()
+        .map(|left| (left.path.as_str(), left.is_dir, left.reason.as_str()))
+        .collect();
+    assert_eq!(
+        left_out,
+        [
+            (".git", true, "version control"),
+            (".hg", true, "version control"),
+            ("config/prod.env", false, ".rollwaveignore: *.env"),
+            ("secrets", true, ".rollwaveignore: /secrets/"),
+            ("static/.svn", true, "version control"),
+        ]
+    );
+    let names = archive_names(&out);
+    for kept in [
+        ".rollwaveignore",
+        "config/keep.env",
+        "static/secrets/not-anchored.txt",
+        "bin/server",
+    ] {
+        assert!(
+            names.iter().any(|name| name == kept),
+            "{kept} is missing from {names:?}"
+        );
+    }
+    for gone in [".git", ".hg", ".svn", "prod.env", "tls.key"] {
+        assert!(
+            !names.iter().any(|name| name.contains(gone)),
+            "{gone} was archived: {names:?}"
+        );
+    }
+    assert_eq!(output.entries, names.len());
+}
+
+#[test]
+fn what_is_left_out_does_not_change_the_bytes() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let (with_secrets, clean) = (work.path().join("with"), work.path().join("clean"));
+    make_tree_with_secrets(&with_secrets);
+    make_tree_with_secrets(&clean);
+    for gone in [".git", ".hg", "static/.svn", "secrets"] {
+        fs::remove_dir_all(clean.join(gone)).expect("remove dir");
+    }
+    fs::remove_file(clean.join("config/prod.env")).expect("remove file");
+    fs::write(with_secrets.join(".git/HEAD"), "ref: refs/heads/other\n").expect("write");
+    let first = build(&with_secrets, &work.path().join("with.zip"));
+    let second = build(&clean, &work.path().join("clean.zip"));
+    assert_eq!(first.sha256, second.sha256);
+    assert!(second.left_out.is_empty(), "{:?}", second.left_out);
+}
+
+#[test]
+fn entry_builds_honour_rollwaveignore_as_directory_builds_do() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let tree = work.path().join("tree");
+    make_tree_with_secrets(&tree);
+    let from_dir = build(&tree, &work.path().join("dir.zip"));
+    let file = |path: &str, contents: &[u8]| SourceEntry {
+        path: path.to_owned(),
+        kind: EntryKind::File,
+        mode: 0o644,
+        contents: contents.to_vec(),
+    };
+    let entries = vec![
+        file("keep.env", b"PUBLIC=1\n"),
+        file("prod.env", b"secret"),
+        file("secrets/deep/tls.key", b"key"),
+        file(".hg/store/data", b"hg"),
+        file(".rollwaveignore", b"*.env\n!keep.env\n/secrets/\n"),
+    ];
+    let output = build_from_entries(entries, &work.path().join("entries.zip")).expect("build");
+    let left_out: Vec<&str> = output.left_out.iter().map(|left| left.path.as_str()).collect();
+    assert_eq!(left_out, [".hg", "prod.env", "secrets"]);
+    assert_eq!(
+        archive_names(&work.path().join("entries.zip")),
+        [".rollwaveignore", "keep.env"]
+    );
+    assert!(!from_dir.left_out.is_empty());
+}
+
+#[test]
+fn an_invalid_rollwaveignore_pattern_is_refused_with_its_line() {
+    check_refused(
+        |tree| fs::write(tree.join(".rollwaveignore"), "*.log\n{a,b\n").expect("write"),
+        ".rollwaveignore line 2:",
+    );
+}
+
+/// The error and its sources, as `anyhow`'s `{:#}` prints them.
+fn chain(error: &BuildError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    text
+}
+
+#[test]
+fn an_appspec_refusal_is_told_once() {
+    let work = tempfile::tempdir().expect("tempdir");
+    for (appspec, problem) in [
+        ("version: 0.0\nos: windows\n", "os \"windows\" is not supported"),
+        (
+            "version: 0.0\nos: linux\nhooks:\n  ApplicationStart: [\n",
+            "did not find expected node content",
+        ),
+        (
+            "version: 0.0\nos: linux\nhooks:\n  ApplicationStart:\n    - location: gone.sh\n",
+            "\"gone.sh\" is not a regular file",
+        ),
+    ] {
+        let tree = work.path().join("tree");
+        let _ = fs::remove_dir_all(&tree);
+        fs::create_dir_all(&tree).expect("mkdir");
+        fs::write(tree.join("appspec.yml"), appspec).expect("write");
+        let error = build_from_dir(&tree, &work.path().join("out.zip")).expect_err("refused");
+        let text = chain(&error);
+        assert_eq!(text.matches(problem).count(), 1, "{text}");
+        assert!(text.starts_with("invalid manifest: appspec.yml: "), "{text}");
+    }
+    let error = build_from_dir(&work.path().join("missing"), &work.path().join("out.zip")).expect_err("no tree");
+    assert_eq!(chain(&error).matches("No such file").count(), 1, "{}", chain(&error));
+}
