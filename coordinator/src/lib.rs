@@ -8,6 +8,7 @@ pub mod cli;
 pub mod demo;
 pub mod deployer;
 pub mod grpc;
+pub mod health;
 pub mod identity;
 pub mod listener;
 pub mod model;

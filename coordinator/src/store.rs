@@ -23,7 +23,7 @@ use crate::registry::{self, Decision, RegistrationRefused};
 mod deployments;
 mod traffic;
 
-pub use deployments::{Approval, DeploymentRow, HealthRow, Pin};
+pub use deployments::{Approval, DeploymentRow, HealthRow, InstallFailureRow, Pin};
 
 /// The SQLite migrations, embedded so the binary carries its own schema.
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -34,6 +34,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         include_str!("../migrations/sqlite/0002_deployments.sql"),
     ),
     (3, "traffic", include_str!("../migrations/sqlite/0003_traffic.sql")),
+    (
+        4,
+        "agent truth",
+        include_str!("../migrations/sqlite/0004_agent_truth.sql"),
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
