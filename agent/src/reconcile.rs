@@ -407,7 +407,7 @@ async fn check_and_report(
 pub fn report_exit(reports: &Reports, exit: &AppExit) {
     let detail = match &exit.crash_loop {
         Some(looping) => format!("{looping} (last: {})", exit.reason),
-        None => format!("the app {}; the agent restarts it", exit.reason),
+        None => format!("the app stopped: {}; the agent restarts it", exit.reason),
     };
     send(
         reports,

@@ -1595,7 +1595,7 @@ mod tests {
                     "activate-failed" => Report::ActivateFailed("application_start exited 1".to_owned()),
                     "healthy" => Report::Healthy,
                     "unhealthy" => Report::Unhealthy("GET /health: 503".to_owned()),
-                    "exited" => Report::Exited("the app exited with code 1".to_owned()),
+                    "exited" => Report::Exited("the app stopped: exited with code 1".to_owned()),
                     "switched-back" => Report::SwitchedBack,
                     "switch-back-failed" => Report::SwitchBackFailed("application_start exited 1".to_owned()),
                     "drained" => Report::Drained,
@@ -2105,11 +2105,11 @@ mod tests {
                     wave 1/2: 1 healthy; 0 failures, 0 allowed
                     a=healthy b=prepared
                 5 exited a
-                    rolling back (failed: 1 failure, 0 allowed; last: a: the app exited before it was healthy for the minimum time: the app exited with code 1): 1 switching back
+                    rolling back (failed: 1 failure, 0 allowed; last: a: the app exited before it was healthy for the minimum time: the app stopped: exited with code 1): 1 switching back
                     a=switching-back b=prepared
                     > switch-back a
                 6 tick
-                    rolling back (failed: 1 failure, 0 allowed; last: a: the app exited before it was healthy for the minimum time: the app exited with code 1): 1 switching back
+                    rolling back (failed: 1 failure, 0 allowed; last: a: the app exited before it was healthy for the minimum time: the app stopped: exited with code 1): 1 switching back
                     a=switching-back b=prepared
             "#]],
         );

@@ -353,6 +353,11 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(parent: &Path, spec: AgentSpec) -> Self {
+        Self::start_with(parent, spec, |config| config)
+    }
+
+    /// Starts an agent whose agent.toml `edit` rewrites first (the default one is passed in).
+    pub fn start_with(parent: &Path, spec: AgentSpec, edit: impl FnOnce(String) -> String) -> Self {
         let dir = parent.join(&spec.name);
         std::fs::create_dir_all(&dir).expect("agent dir");
         let stack_line = spec
@@ -377,7 +382,7 @@ impl Agent {
             config.push_str(&format!("[s3]\nendpoint = \"{endpoint}\"\nforce_path_style = true\n"));
         }
         config.push_str("[install]\nhealth_deadline = \"5s\"\n");
-        std::fs::write(dir.join("agent.toml"), config).expect("agent.toml");
+        std::fs::write(dir.join("agent.toml"), edit(config)).expect("agent.toml");
         let process = Self::spawn(&dir, 0);
         Self {
             spec,
@@ -471,6 +476,17 @@ impl Cluster {
     }
 
     pub fn add_agent(&mut self, name: &str, zone: &str, token: &str) -> &mut Agent {
+        self.add_agent_with(name, zone, token, |config| config)
+    }
+
+    /// Adds an agent whose agent.toml `edit` rewrites first.
+    pub fn add_agent_with(
+        &mut self,
+        name: &str,
+        zone: &str,
+        token: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> &mut Agent {
         let spec = AgentSpec {
             name: name.into(),
             zone: zone.into(),
@@ -478,7 +494,7 @@ impl Cluster {
             stack: Some(self.stack.clone()),
             coordinator: self.coordinator.addr,
         };
-        self.agents.push(Agent::start(self.temp.path(), spec));
+        self.agents.push(Agent::start_with(self.temp.path(), spec, edit));
         self.agents.last_mut().expect("just pushed")
     }
 }

@@ -1371,15 +1371,15 @@ fn health_cell(instance: &InstanceStatusView, now: SystemTime) -> String {
     cell
 }
 
-/// "0", or "3, last exited with code 1 2m ago".
+/// "0", or "3; last exit 2m ago: exited with code 1".
 fn restarts_cell(instance: &InstanceStatusView, now: SystemTime) -> String {
     match &instance.last_exit {
         Some(reason) if instance.last_exit_at_ms > 0 => format!(
-            "{}, last {reason} {}",
+            "{}; last exit {}: {reason}",
             instance.app_restarts,
             ago_at(instance.last_exit_at_ms, now)
         ),
-        Some(reason) => format!("{}, last {reason}", instance.app_restarts),
+        Some(reason) => format!("{}; last exit: {reason}", instance.app_restarts),
         None => instance.app_restarts.to_string(),
     }
 }
@@ -2075,7 +2075,7 @@ mod tests {
             site: approved 2.0; running 2.0 ×3, 1.0 ×1
               INSTANCE  HOSTNAME  ZONE  PRESENCE  VERSION  STATE    REASON                                                      HEALTH                                                  RESTARTS
               i-2       web-i-2   z1    online    1.0      pinned   pinned to 1.0                                               healthy                                                 0
-              i-3       web-i-3   z1    online    2.0      ok       -                                                           unhealthy since 3m ago: GET /health: 503                3, last exited with code 1 2m ago
+              i-3       web-i-3   z1    online    2.0      ok       -                                                           unhealthy since 3m ago: GET /health: 503                3; last exit 2m ago: exited with code 1
               i-5       web-i-5   z1    online    2.0      ok       -                                                           stale: its agent sent no verdict for 3 check intervals  0
               i-6       web-i-6   z1    online    -        missing  install failing since 1970-01-12T13:40:00Z: S3 unreachable  unknown: no health verdict yet                          0
 
