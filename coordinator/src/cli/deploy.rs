@@ -148,8 +148,12 @@ Examples:
 const STATUS_HELP: &str = "\
 For every bundle: the approved version, how many instances run which version, the
 running deployment, and every instance that differs: drift (runs another version),
-pinned, deploying, missing (runs none), or unhealthy (with its health check's
-detail and since when). --output json lists every instance.
+pinned, deploying, missing (runs none; \"install failing since T: reason\" while its
+agent cannot install the approved release), or not healthy: unhealthy (with its health
+check's detail and since when), unknown (no verdict yet, or not online) or stale (its
+agent sent no verdict for 3 check intervals). RESTARTS counts restarts of the running
+release's app and says why it last exited. --output json lists every instance, with
+`health` (healthy|unhealthy|unknown|stale) beside the boolean `healthy`.
 
 Examples:
   rollwave status web
