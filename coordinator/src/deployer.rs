@@ -217,7 +217,14 @@ async fn candidates(shared: &Shared, stack: &str, bundle: &str) -> Result<Vec<Ca
                 instance.last_seen_ms,
                 now,
             );
-            let verdicts = verdicts.iter().filter(|verdict| verdict.instance_id == instance.id);
+            // Verdicts on releases the instance runs: a bundle it no longer runs says nothing.
+            let verdicts = verdicts.iter().filter(|verdict| {
+                verdict.instance_id == instance.id
+                    && instance
+                        .observed
+                        .iter()
+                        .any(|release| release.bundle == verdict.bundle && release.version == verdict.version)
+            });
             let health = match presence {
                 Presence::Lost => Health::Lost,
                 _ => match crate::health::instance_health_state(verdicts, presence == Presence::Online, now) {

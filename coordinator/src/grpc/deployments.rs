@@ -368,7 +368,10 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
                     ),
                 )
             };
-            let health_row = health.get(&(instance.id.clone(), bundle.clone()));
+            // A verdict on another version than the one it runs (say, of a bundle it no longer runs) says nothing.
+            let health_row = health
+                .get(&(instance.id.clone(), bundle.clone()))
+                .filter(|row| !running_version.is_empty() && row.version == running_version);
             let health_state = crate::health::health_state(health_row, presence == Presence::Online, now);
             rows.push(pb::InstanceStatus {
                 instance_id: instance.id.clone(),
