@@ -446,13 +446,20 @@ impl Services {
             let alive = match self.supervision {
                 Supervision::Session => record.pid.is_some_and(|pid| is_alive(pid, record.start_ticks)),
                 Supervision::Systemd => {
-                    let unit = unit_state(&Self::unit_name(bundle)).await;
+                    let unit_name = Self::unit_name(bundle);
+                    let unit = unit_state(&unit_name).await;
                     // Loaded in any state (running, restarting) is systemd's to look after; each
-                    // restart it made since the last pass is an exit.
+                    // restart it made since the last pass is an exit. Once restarted, the unit
+                    // describes the new process, so the reasons come from its journal.
                     if unit.loaded && unit.restarts > record.systemd_restarts {
-                        for _ in record.systemd_restarts..unit.restarts {
+                        let count = usize::try_from(unit.restarts - record.systemd_restarts).unwrap_or(usize::MAX);
+                        let mut reasons = journal_exits(&unit_name, count).await.into_iter();
+                        for _ in 0..count {
                             record.total_restarts = record.total_restarts.saturating_add(1);
-                            let reason = unit.last_exit.clone().unwrap_or_else(|| "exited".to_owned());
+                            let reason = reasons
+                                .next()
+                                .or_else(|| unit.last_exit.clone())
+                                .unwrap_or_else(|| "exited (systemd restarted it)".to_owned());
                             exits.push(record.note_exit(reason, now));
                         }
                         record.systemd_restarts = unit.restarts;
@@ -538,6 +545,48 @@ async fn unit_state(unit: &str) -> UnitState {
         return UnitState::default();
     }
     parse_unit_state(&String::from_utf8_lossy(&output.stdout))
+}
+
+/// Why the main process of `unit` exited, the last `count` times, oldest first (fewer when the
+/// journal does not say).
+async fn journal_exits(unit: &str, count: usize) -> Vec<String> {
+    let Ok(output) = tokio::process::Command::new("journalctl")
+        .args([
+            "--unit",
+            unit,
+            "--output",
+            "cat",
+            "--no-pager",
+            "--quiet",
+            "--lines",
+            "200",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .await
+    else {
+        return Vec::new();
+    };
+    let exits = parse_journal_exits(&String::from_utf8_lossy(&output.stdout));
+    exits[exits.len().saturating_sub(count)..].to_vec()
+}
+
+/// The exits systemd logged for a unit ("Main process exited, code=killed, status=9/KILL"), in
+/// order, as sentences.
+fn parse_journal_exits(text: &str) -> Vec<String> {
+    text.lines()
+        .filter_map(|line| {
+            let (_, rest) = line.split_once("Main process exited, code=")?;
+            let (code, status) = rest.split_once(", status=")?;
+            let number: i32 = status.split(['/', ' ']).next()?.trim().parse().ok()?;
+            Some(match code.trim() {
+                "exited" => format!("exited with code {number}"),
+                "killed" => describe_signal(number),
+                "dumped" => format!("{} and dumped core", describe_signal(number)),
+                other => format!("exited ({other}, status {number})"),
+            })
+        })
+        .collect()
 }
 
 /// Parses `systemctl show --property=LoadState,NRestarts,ExecMainCode,ExecMainStatus` output.
@@ -769,5 +818,25 @@ mod tests {
         let killed = parse_unit_state("ExecMainCode=2\nExecMainStatus=15\nLoadState=loaded\nNRestarts=0\n");
         assert_eq!(killed.last_exit.as_deref(), Some("killed by signal 15 (SIGTERM)"));
         assert_eq!(parse_unit_state("LoadState=not-found\n"), UnitState::default());
+    }
+
+    /// Seen on a host: once systemd has restarted the app, `ExecMainCode` describes the new process
+    /// (0), so the reason of each restart is read from the unit's journal.
+    #[test]
+    fn systemd_exit_reasons_are_read_from_the_units_journal() {
+        let journal = "Started rollwave-app-web.\n\
+            rollwave-app-web.service: Main process exited, code=killed, status=9/KILL\n\
+            rollwave-app-web.service: Failed with result 'signal'.\n\
+            rollwave-app-web.service: Scheduled restart job, restart counter is at 1.\n\
+            rollwave-app-web.service: Main process exited, code=exited, status=3/NOTIMPLEMENTED\n\
+            rollwave-app-web.service: Main process exited, code=dumped, status=11/SEGV\n";
+        assert_eq!(
+            parse_journal_exits(journal),
+            [
+                "killed by signal 9 (SIGKILL)",
+                "exited with code 3",
+                "killed by signal 11 (SIGSEGV) and dumped core"
+            ]
+        );
     }
 }
