@@ -524,4 +524,67 @@ mod tests {
         assert_eq!(approved[0].version, "1");
         assert_eq!(store.approval_history("web", "app").await.expect("history"), ["1"]);
     }
+
+    /// An install that keeps failing is news once (for the audit trail), then kept up to date, and
+    /// ends once; a verdict keeps the agent's check interval when an exit report does not say it.
+    #[tokio::test]
+    async fn install_failures_and_health_details_are_kept() {
+        let (_dir, store) = store().await;
+        sqlx::query("INSERT INTO instances (id, stack, joined_at, last_seen) VALUES ('i-1', 'web', 0, 0)")
+            .execute(&store.pool)
+            .await
+            .expect("instance");
+        let failure = InstallFailureRow {
+            instance_id: "i-1".into(),
+            bundle: "app".into(),
+            version: "1.0".into(),
+            reason: "S3 unreachable".into(),
+            since_ms: 10,
+        };
+        assert!(store.record_install_failure(&failure).await.expect("record"));
+        let again = InstallFailureRow {
+            reason: "still unreachable".into(),
+            ..failure.clone()
+        };
+        assert!(!store.record_install_failure(&again).await.expect("record"));
+        assert_eq!(store.install_failures("web").await.expect("list"), [again]);
+        assert!(store.clear_install_failure("i-1", "app").await.expect("clear"));
+        assert!(!store.clear_install_failure("i-1", "app").await.expect("clear"));
+        assert!(store.install_failures("web").await.expect("list").is_empty());
+
+        let verdict = HealthRow {
+            instance_id: "i-1".into(),
+            bundle: "app".into(),
+            version: "1.0".into(),
+            healthy: true,
+            detail: String::new(),
+            since_ms: 20,
+            observed_at_ms: 20,
+            check_interval_ms: 7_000,
+            app_restarts: 0,
+            last_exit: String::new(),
+            last_exit_at_ms: 0,
+        };
+        store.record_health(&verdict).await.expect("record");
+        let exit = HealthRow {
+            healthy: false,
+            detail: "the app stopped: exited with code 1".into(),
+            since_ms: 30,
+            observed_at_ms: 30,
+            check_interval_ms: 0,
+            app_restarts: 0,
+            last_exit: "exited with code 1".into(),
+            last_exit_at_ms: 30,
+            ..verdict.clone()
+        };
+        store.record_health(&exit).await.expect("record");
+        let stored = store.health("web").await.expect("health");
+        assert_eq!(
+            stored,
+            [HealthRow {
+                check_interval_ms: 7_000,
+                ..exit
+            }]
+        );
+    }
 }
