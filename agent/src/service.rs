@@ -7,8 +7,8 @@
 //!
 //! Every exit of an app is an event ([`AppExit`]), with its reason: the exit
 //! status of a process this agent started (its waiter task reports it), what
-//! systemd recorded for a unit it restarted, or "unknown" for an app an earlier
-//! agent run started. The agent reports each one to the coordinator at once, and
+//! systemd logged for each restart of a unit (`NRestarts` counts them), or
+//! "unknown" for an app an earlier agent run started. The agent reports each one to the coordinator at once, and
 //! the recent ones decide whether the app is in a crash loop ([`crash_loop`]).
 
 use std::collections::{BTreeMap, BTreeSet};
