@@ -267,3 +267,65 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::reconcile::Convergence;
+
+    /// Waits (with a deadline) until `startup` says what `wanted` accepts.
+    async fn until(startup: &mut watch::Receiver<Startup>, wanted: impl Fn(&Startup) -> bool) -> Startup {
+        tokio::time::timeout(Duration::from_secs(10), startup.wait_for(|state| wanted(state)))
+            .await
+            .expect("in time")
+            .expect("the tracker runs")
+            .clone()
+    }
+
+    /// Field trial: the agent logged "ready: connected and the desired state is applied" after
+    /// its install of the approved release had failed. Ready follows the reconciler instead.
+    #[tokio::test]
+    async fn startup_is_ready_only_once_the_desired_state_is_applied() {
+        let (synced, synced_receiver) = watch::channel(0u64);
+        let (desired, desired_receiver) = watch::channel(None);
+        let (convergence, convergence_receiver) = watch::channel(Convergence::Pending);
+        let (startup, mut startup_receiver) = watch::channel(Startup::Connecting);
+        let task = tokio::spawn(track_startup(
+            synced_receiver,
+            desired_receiver,
+            convergence_receiver,
+            startup,
+        ));
+        desired.send_replace(Some(pb::DesiredState {
+            epoch: 7,
+            ..pb::DesiredState::default()
+        }));
+        synced.send_replace(1);
+        assert_eq!(
+            until(&mut startup_receiver, |state| *state != Startup::Connecting).await,
+            Startup::Installing { epoch: 7 }
+        );
+        convergence.send_replace(Convergence::Failing {
+            epoch: 7,
+            since_unix_ms: 5,
+            reason: "app@1.0: S3 unreachable".into(),
+        });
+        assert_eq!(
+            until(&mut startup_receiver, |state| matches!(state, Startup::Failing { .. })).await,
+            Startup::Failing {
+                since_unix_ms: 5,
+                reason: "app@1.0: S3 unreachable".into()
+            }
+        );
+        convergence.send_replace(Convergence::Applied { epoch: 7 });
+        assert_eq!(
+            until(&mut startup_receiver, |state| *state == Startup::Ready).await,
+            Startup::Ready
+        );
+        task.abort();
+    }
+}
