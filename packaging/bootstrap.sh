@@ -17,7 +17,9 @@
 # joined, the (spent, single-use) token is never written or used again.
 #
 # Exit codes: 0 ready; 2 usage; 3 package could not be fetched; 4 sha256 mismatch;
-# 5 package install failed; 6 the agent did not become ready (or has not joined).
+# 5 package install failed; 6 the agent did not become ready, has not joined, is not
+# connected, or cannot install the stack's approved releases (its status then reads
+# "install failing since T: reason"; it keeps retrying, so the instance may still recover).
 set -euo pipefail
 
 readonly CONFIG=/etc/rollwave/agent.toml
@@ -62,7 +64,8 @@ Optional:
 s3:// packages are fetched with the AWS CLI when it is installed, else with curl's SigV4
 signing and the credentials in AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN
 or, on EC2, the instance role's (IMDSv2). Exit codes: 0 ready, 2 usage, 3 fetch failed,
-4 sha256 mismatch, 5 install failed, 6 agent not ready.
+4 sha256 mismatch, 5 install failed, 6 agent not ready (not joined, not connected, or its
+install of the approved releases keeps failing).
 USAGE
 }
 
@@ -285,7 +288,8 @@ fi
     fail 6 "systemd is not running here; start the agent yourself: rollwave-agent run --config $CONFIG"
 systemctl enable "$UNIT" >/dev/null 2>&1 || fail 6 "systemctl enable $UNIT failed"
 # Type=notify: start (and restart) return once the agent says READY=1: connected, and the
-# desired state the coordinator sent (the approved releases) applied.
+# desired state the coordinator sent (the approved releases) applied; or after the agent's
+# ready_fallback (90 s) with a STATUS that says what is wrong.
 action=start
 if $config_changed && systemctl --quiet is-active "$UNIT"; then
     action=restart
@@ -301,6 +305,8 @@ status=$(systemctl show --property StatusText --value "$UNIT")
 [[ -s $IDENTITY ]] || fail 6 "$UNIT runs but has not joined ($status); see \`journalctl -u $UNIT\`"
 case $status in
 connected*) ;;
+"install failing since"*)
+    fail 6 "$UNIT is connected but cannot install the approved releases ($status); it keeps retrying: see \`journalctl -u $UNIT\`" ;;
 *) fail 6 "$UNIT is up but not connected to $coordinator ($status); it keeps trying: see \`journalctl -u $UNIT\`" ;;
 esac
 log "ready in $(( $(date +%s) - started ))s: $status"

@@ -98,6 +98,14 @@ struct AgentFile {
     s3: S3Settings,
     #[serde(default)]
     install: InstallFile,
+    /// How long systemd waits for READY=1 at most: the agent says ready then even when the
+    /// coordinator is unreachable or the approved releases fail to install.
+    #[serde(default = "default_ready_fallback", with = "humantime_serde_compat")]
+    ready_fallback: Duration,
+}
+
+fn default_ready_fallback() -> Duration {
+    crate::notify::READY_FALLBACK
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -109,6 +117,13 @@ struct InstallFile {
     /// Releases kept on disk per bundle.
     #[serde(default = "default_retention")]
     retention: usize,
+    /// Attempts of one download (with backoff) before the install counts as failed (it is retried).
+    #[serde(default = "default_download_attempts")]
+    download_attempts: u32,
+}
+
+fn default_download_attempts() -> u32 {
+    rollwave_artifacts::DownloadOptions::default().attempts
 }
 
 fn default_health_deadline() -> Duration {
@@ -124,6 +139,7 @@ impl Default for InstallFile {
         Self {
             health_deadline: default_health_deadline(),
             retention: default_retention(),
+            download_attempts: default_download_attempts(),
         }
     }
 }
@@ -150,6 +166,8 @@ pub struct AgentConfig {
     pub s3: S3Settings,
     /// How the agent installs releases (health deadline, retention).
     pub install: crate::installer::InstallSettings,
+    /// READY=1 goes to systemd after this at the latest (see `notify`).
+    pub ready_fallback: Duration,
 }
 
 impl AgentConfig {
@@ -182,6 +200,9 @@ impl AgentConfig {
         if file.reconnect.initial.is_zero() || file.reconnect.max < file.reconnect.initial {
             return Err(invalid("reconnect: need 0 < initial <= max".into()));
         }
+        if file.install.download_attempts == 0 {
+            return Err(invalid("install.download_attempts: need at least 1".into()));
+        }
         Ok(Self {
             coordinator: file.coordinator.trim().to_owned(),
             join_token,
@@ -200,8 +221,13 @@ impl AgentConfig {
             install: crate::installer::InstallSettings {
                 health_deadline: file.install.health_deadline,
                 retention: file.install.retention.max(2),
+                download: rollwave_artifacts::DownloadOptions {
+                    attempts: file.install.download_attempts,
+                    ..rollwave_artifacts::DownloadOptions::default()
+                },
                 ..crate::installer::InstallSettings::default()
             },
+            ready_fallback: file.ready_fallback,
         })
     }
 }
@@ -241,14 +267,18 @@ mod tests {
         let config = parse(include_str!("../../packaging/agent.toml")).expect("packaging/agent.toml is valid");
         assert_eq!(config.install.health_deadline, Duration::from_secs(60));
         assert_eq!(config.install.retention, crate::installer::DEFAULT_RETENTION);
+        assert_eq!(config.install.download.attempts, 8);
+        assert_eq!(config.ready_fallback, Duration::from_secs(90));
         assert!(!config.s3.force_path_style);
         let custom = parse(
-            "coordinator = \"c:1\"\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nforce_path_style = true\n\
-             [install]\nhealth_deadline = \"5s\"\nretention = 1\n",
+            "coordinator = \"c:1\"\nready_fallback = \"2s\"\n[s3]\nendpoint = \"http://127.0.0.1:9000\"\nforce_path_style = true\n\
+             [install]\nhealth_deadline = \"5s\"\nretention = 1\ndownload_attempts = 2\n",
         )
         .expect("valid");
         assert_eq!(custom.s3.endpoint.as_deref(), Some("http://127.0.0.1:9000"));
         assert_eq!(custom.install.health_deadline, Duration::from_secs(5));
+        assert_eq!(custom.install.download.attempts, 2);
+        assert_eq!(custom.ready_fallback, Duration::from_secs(2));
         assert_eq!(
             custom.install.retention, 2,
             "current and the rollback target always stay"

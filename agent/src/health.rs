@@ -71,6 +71,27 @@ pub async fn run_round(checks: &[HealthCheck], release_dir: &Path, log_dir: &Pat
     results
 }
 
+/// Runs one round: `Ok` when every check passes, else `Err` naming each failing check and why
+/// ("GET http://127.0.0.1:8080/health: HTTP 503"). The periodic checks of a running release use this.
+pub async fn check_once(checks: &[HealthCheck], release_dir: &Path, log_dir: &Path) -> Result<(), String> {
+    let results = run_round(checks, release_dir, log_dir).await;
+    let failures: Vec<String> = results
+        .iter()
+        .filter(|result| !result.passed)
+        .map(|result| format!("{}: {}", result.check, result.detail))
+        .collect();
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.join("; "))
+    }
+}
+
+/// The longest one round of `checks` can take: each check runs to its timeout at worst.
+pub fn round_bound(checks: &[HealthCheck]) -> Duration {
+    checks.iter().map(HealthCheck::timeout).sum()
+}
+
 /// Repeats rounds until every check passes in one round (`Ok`) or `deadline`
 /// passes (`Err` with the last round's failures).
 pub async fn wait_healthy(
@@ -84,20 +105,14 @@ pub async fn wait_healthy(
     }
     let give_up = tokio::time::Instant::now() + deadline;
     loop {
-        let results = run_round(checks, release_dir, log_dir).await;
-        let failures: Vec<String> = results
-            .iter()
-            .filter(|result| !result.passed)
-            .map(|result| format!("{}: {}", result.check, result.detail))
-            .collect();
-        if failures.is_empty() {
-            return Ok(());
-        }
+        let failures = match check_once(checks, release_dir, log_dir).await {
+            Ok(()) => return Ok(()),
+            Err(failures) => failures,
+        };
         if tokio::time::Instant::now() + ROUND_INTERVAL >= give_up {
             return Err(format!(
-                "not healthy within {}: {}",
-                humantime::format_duration(deadline),
-                failures.join("; ")
+                "not healthy within {}: {failures}",
+                humantime::format_duration(deadline)
             ));
         }
         tokio::time::sleep(ROUND_INTERVAL).await;
@@ -201,5 +216,27 @@ mod tests {
             .expect_err("never healthy");
         assert!(error.contains("exit 1: exit code 1"), "{error}");
         assert!(wait_healthy(&[], dir.path(), dir.path(), Duration::ZERO).await.is_ok());
+    }
+
+    /// Field trial: periodic health failures read "not healthy within 0s: ...".
+    #[tokio::test]
+    async fn a_periodic_round_names_the_failing_check_without_a_deadline() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let checks = [
+            HealthCheck::Command {
+                command: "true".into(),
+                timeout: Duration::from_secs(5),
+            },
+            HealthCheck::Command {
+                command: "exit 1".into(),
+                timeout: Duration::from_secs(2),
+            },
+        ];
+        let error = check_once(&checks, dir.path(), dir.path())
+            .await
+            .expect_err("one fails");
+        assert_eq!(error, "exit 1: exit code 1");
+        assert_eq!(round_bound(&checks), Duration::from_secs(7));
+        assert!(check_once(&[], dir.path(), dir.path()).await.is_ok());
     }
 }

@@ -136,13 +136,14 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// Moves the agent's startup on to `Installing` and `Ready`: once the first
-/// session is in sync (see `link::run_session`), the desired state it brought,
-/// if any, must be applied (or ignored as stale) by the reconciler.
+/// Moves the agent's startup on to `Installing`, then `Ready` or `Failing`: once the first
+/// session is in sync (see `link::run_session`), the desired state it brought, if any, must be
+/// applied by the reconciler. From then on it follows the reconciler: an install of the
+/// approved releases that keeps failing shows as `Failing` until it succeeds.
 async fn track_startup(
     mut synced: tokio::sync::watch::Receiver<u64>,
     desired: tokio::sync::watch::Receiver<Option<pb::DesiredState>>,
-    mut handled: tokio::sync::watch::Receiver<u64>,
+    mut convergence: tokio::sync::watch::Receiver<reconcile::Convergence>,
     startup: tokio::sync::watch::Sender<Startup>,
 ) {
     if synced.wait_for(|sessions| *sessions > 0).await.is_err() {
@@ -151,12 +152,32 @@ async fn track_startup(
     let wanted = desired.borrow().as_ref().map(|state| state.epoch);
     if let Some(epoch) = wanted {
         startup.send_replace(Startup::Installing { epoch });
-        if handled.wait_for(|handled| *handled >= epoch).await.is_err() {
+    }
+    let wanted = wanted.unwrap_or(0);
+    loop {
+        let next = match &*convergence.borrow_and_update() {
+            reconcile::Convergence::Failing {
+                since_unix_ms, reason, ..
+            } => Some(Startup::Failing {
+                since_unix_ms: *since_unix_ms,
+                reason: reason.clone(),
+            }),
+            reconcile::Convergence::Applied { epoch } if *epoch >= wanted => Some(Startup::Ready),
+            _ if wanted == 0 => Some(Startup::Ready),
+            _ => None,
+        };
+        if let Some(next) = next
+            && *startup.borrow() != next
+        {
+            if next == Startup::Ready {
+                tracing::info!("ready: connected and the desired state is applied");
+            }
+            startup.send_replace(next);
+        }
+        if convergence.changed().await.is_err() {
             return;
         }
     }
-    tracing::info!("ready: connected and the desired state is applied");
-    startup.send_replace(Startup::Ready);
 }
 
 /// Runs the agent until a permanent error. Never returns `Ok`: callers stop it
@@ -171,7 +192,7 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     let _notify = AbortOnDrop(tokio::spawn(notify::run(
         notifier,
         startup_receiver,
-        notify::READY_FALLBACK,
+        config.ready_fallback,
     )));
     // Finish or roll back installs a killed agent left behind before anything else.
     // With `imds = "off"` nothing may ask the metadata service, the S3 client's chains included.
@@ -187,31 +208,35 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
     if let Err(error) = installer.recover_all().await {
         tracing::warn!(%error, "cannot recover interrupted installs");
     }
-    // Keep the apps the agent runs alive (under systemd: start again units a reboot removed).
-    let services = installer.services().clone();
-    let _supervision = AbortOnDrop(tokio::spawn(async move {
-        loop {
-            services.restart_dead().await;
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-    }));
     // Desired state in from the session, reports out to it; both outlive any one session.
     let (desired, desired_receiver) = tokio::sync::watch::channel(None);
     let (reports, mut report_queue) = tokio::sync::mpsc::channel(REPORT_QUEUE);
     let _repairs = AbortOnDrop(tokio::spawn(reconcile::report_repairs(repair_queue, reports.clone())));
-    let (handled, handled_receiver) = tokio::sync::watch::channel(0);
+    // Keep the apps the agent runs alive (under systemd: start again units a reboot removed),
+    // and report every exit of one at once.
+    let services = installer.services().clone();
+    let exit_reports = reports.clone();
+    let _supervision = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            for exit in services.restart_dead().await {
+                reconcile::report_exit(&exit_reports, &exit);
+            }
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), services.app_exited()).await;
+        }
+    }));
+    let (convergence, convergence_receiver) = tokio::sync::watch::channel(reconcile::Convergence::Pending);
     let _reconciler = AbortOnDrop(tokio::spawn(reconcile::run(
         installer.clone(),
         desired_receiver,
         reports.clone(),
-        handled,
+        convergence,
     )));
     startup.send_replace(Startup::Connecting);
     let (synced, synced_receiver) = tokio::sync::watch::channel(0);
     let _startup = AbortOnDrop(tokio::spawn(track_startup(
         synced_receiver,
         desired.subscribe(),
-        handled_receiver,
+        convergence_receiver,
         startup,
     )));
     let _health = AbortOnDrop(tokio::spawn(reconcile::report_health(installer.clone(), reports)));
@@ -266,5 +291,67 @@ pub async fn run(config: AgentConfig) -> Result<(), AgentError> {
                 tokio::time::sleep(delay).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::reconcile::Convergence;
+
+    /// Waits (with a deadline) until `startup` says what `wanted` accepts.
+    async fn until(startup: &mut watch::Receiver<Startup>, wanted: impl Fn(&Startup) -> bool) -> Startup {
+        tokio::time::timeout(Duration::from_secs(10), startup.wait_for(|state| wanted(state)))
+            .await
+            .expect("in time")
+            .expect("the tracker runs")
+            .clone()
+    }
+
+    /// Field trial: the agent logged "ready: connected and the desired state is applied" after
+    /// its install of the approved release had failed. Ready follows the reconciler instead.
+    #[tokio::test]
+    async fn startup_is_ready_only_once_the_desired_state_is_applied() {
+        let (synced, synced_receiver) = watch::channel(0u64);
+        let (desired, desired_receiver) = watch::channel(None);
+        let (convergence, convergence_receiver) = watch::channel(Convergence::Pending);
+        let (startup, mut startup_receiver) = watch::channel(Startup::Connecting);
+        let task = tokio::spawn(track_startup(
+            synced_receiver,
+            desired_receiver,
+            convergence_receiver,
+            startup,
+        ));
+        desired.send_replace(Some(pb::DesiredState {
+            epoch: 7,
+            ..pb::DesiredState::default()
+        }));
+        synced.send_replace(1);
+        assert_eq!(
+            until(&mut startup_receiver, |state| *state != Startup::Connecting).await,
+            Startup::Installing { epoch: 7 }
+        );
+        convergence.send_replace(Convergence::Failing {
+            epoch: 7,
+            since_unix_ms: 5,
+            reason: "app@1.0: S3 unreachable".into(),
+        });
+        assert_eq!(
+            until(&mut startup_receiver, |state| matches!(state, Startup::Failing { .. })).await,
+            Startup::Failing {
+                since_unix_ms: 5,
+                reason: "app@1.0: S3 unreachable".into()
+            }
+        );
+        convergence.send_replace(Convergence::Applied { epoch: 7 });
+        assert_eq!(
+            until(&mut startup_receiver, |state| *state == Startup::Ready).await,
+            Startup::Ready
+        );
+        task.abort();
     }
 }

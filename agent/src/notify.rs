@@ -1,11 +1,12 @@
 //! Tells systemd how the agent is doing, for `Type=notify` (the sd_notify
 //! protocol: one datagram of `KEY=VALUE` lines to the unix socket named by
-//! `$NOTIFY_SOCKET`). READY=1 once the agent is connected and has applied the
-//! desired state it found there, or after a fallback when the coordinator
-//! stays unreachable; EXTEND_TIMEOUT_USEC while recovery or the first install
-//! runs; WATCHDOG=1 at half of `$WATCHDOG_USEC`; STATUS= lines for
-//! `systemctl status`; STOPPING=1 when the agent stops. Without
-//! `$NOTIFY_SOCKET` every call is a no-op.
+//! `$NOTIFY_SOCKET`). READY=1 once the agent is connected and runs the
+//! approved releases the coordinator sent, or after a fallback when the
+//! coordinator stays unreachable or their install keeps failing (STATUS= then
+//! says "install failing since T: reason" for as long as it does);
+//! EXTEND_TIMEOUT_USEC while recovery or the first install runs; WATCHDOG=1 at
+//! half of `$WATCHDOG_USEC`; STATUS= lines for `systemctl status`; STOPPING=1
+//! when the agent stops. Without `$NOTIFY_SOCKET` every call is a no-op.
 //!
 //! The protocol is a few lines of std (no crate): the `sd-notify` crate reads
 //! the socket only from the process environment, so tests could not point it
@@ -19,9 +20,10 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
-/// How long the agent tries to reach the coordinator before it reports ready
-/// anyway, so an unreachable coordinator does not hold up boot. The installed
-/// releases keep running meanwhile and the agent keeps trying.
+/// How long the agent tries to reach the coordinator and install the approved
+/// releases before it reports ready anyway, so boot is not held up (agent.toml
+/// `ready_fallback`). The installed releases keep running meanwhile and the
+/// agent keeps trying.
 pub const READY_FALLBACK: Duration = Duration::from_secs(90);
 /// How often the start timeout is extended while recovery or an install runs.
 const EXTEND_EVERY: Duration = Duration::from_secs(10);
@@ -37,6 +39,8 @@ pub enum Startup {
     Connecting,
     /// Connected; applying the desired state (this epoch) sent with the hello.
     Installing { epoch: u64 },
+    /// Connected, but installing the approved releases keeps failing; the agent retries.
+    Failing { since_unix_ms: i64, reason: String },
     /// Connected and the desired state is applied.
     Ready,
 }
@@ -165,14 +169,17 @@ fn describe(startup: &Startup) -> String {
         Startup::Recovering => "recovering interrupted installs".to_owned(),
         Startup::Connecting => "connecting to the coordinator".to_owned(),
         Startup::Installing { epoch } => format!("connected; applying the desired state (epoch {epoch})"),
+        Startup::Failing { since_unix_ms, reason } => crate::reconcile::failing_text(*since_unix_ms, reason),
         Startup::Ready => "connected; desired state applied".to_owned(),
     }
 }
 
 /// Reports `startup` to the service manager until the agent stops: STATUS on
-/// every change, READY=1 once (on [`Startup::Ready`], or `fallback` after
-/// connecting began without getting anywhere), EXTEND_TIMEOUT_USEC while
-/// recovering or installing, WATCHDOG=1 throughout.
+/// every change (also after ready: an install that starts or stops failing
+/// says so), READY=1 once (on [`Startup::Ready`], or `fallback` after
+/// connecting began while the agent is still connecting or its install keeps
+/// failing), EXTEND_TIMEOUT_USEC while recovering or installing, WATCHDOG=1
+/// throughout.
 pub async fn run(notifier: Notifier, mut startup: watch::Receiver<Startup>, fallback: Duration) {
     if !notifier.is_enabled() {
         return;
@@ -187,15 +194,14 @@ pub async fn run(notifier: Notifier, mut startup: watch::Receiver<Startup>, fall
     loop {
         if current == Startup::Connecting {
             connecting_since.get_or_insert_with(Instant::now);
-        } else {
-            connecting_since = None;
         }
         if !ready && current == Startup::Ready {
             ready = true;
             notifier.ready(&describe(&current));
         }
+        // Boot waits for a coordinator that answers or an install that works, never for good.
         let fallback_at = connecting_since
-            .filter(|_| !ready)
+            .filter(|_| !ready && matches!(current, Startup::Connecting | Startup::Failing { .. }))
             .map(|since| tokio::time::Instant::from_std(since + fallback));
         let extending = !ready && matches!(current, Startup::Recovering | Startup::Installing { .. });
         tokio::select! {
@@ -206,8 +212,8 @@ pub async fn run(notifier: Notifier, mut startup: watch::Receiver<Startup>, fall
                     continue;
                 }
                 current = startup.borrow_and_update().clone();
-                // Ready carries its own STATUS (above); after ready, nothing changes any more.
-                if !ready && current != Startup::Ready {
+                // The first Ready carries its own STATUS (above).
+                if ready || current != Startup::Ready {
                     notifier.status(&describe(&current));
                 }
                 if matches!(current, Startup::Recovering | Startup::Installing { .. }) {
@@ -217,10 +223,14 @@ pub async fn run(notifier: Notifier, mut startup: watch::Receiver<Startup>, fall
             }
             _ = async { tokio::time::sleep_until(fallback_at.expect("guarded")).await }, if fallback_at.is_some() => {
                 ready = true;
-                notifier.ready(&format!(
-                    "coordinator unreachable for {}; running the installed releases, still trying",
-                    humantime::format_duration(fallback)
-                ));
+                let status = match &current {
+                    Startup::Failing { .. } => describe(&current),
+                    _ => format!(
+                        "coordinator unreachable for {}; running the installed releases, still trying",
+                        humantime::format_duration(fallback)
+                    ),
+                };
+                notifier.ready(&status);
             }
             _ = extend.tick(), if extending => notifier.extend_timeout(EXTEND_BY),
             _ = async { watchdog.as_mut().expect("guarded").tick().await }, if watchdog.is_some() => notifier.watchdog(),
@@ -374,6 +384,34 @@ mod tests {
         // The watchdog keeps going after ready, also once the agent's run has ended.
         drop(startup);
         assert_eq!(listener.next().await, "WATCHDOG=1");
+        task.abort();
+    }
+
+    /// Field trial: with S3 unreachable at boot the agent said "ready: connected and the desired
+    /// state is applied". Ready waits for the install (up to the fallback), and says why it did not.
+    #[tokio::test]
+    async fn a_failing_install_holds_ready_until_the_fallback_and_says_so_until_it_works() {
+        let listener = Listener::bind();
+        let notifier = Notifier::to_path(&listener.path, None);
+        let (startup, receiver) = watch::channel(Startup::Connecting);
+        let task = tokio::spawn(run(notifier, receiver, Duration::from_millis(500)));
+        assert_eq!(listener.next().await, "STATUS=connecting to the coordinator");
+        startup.send_replace(Startup::Installing { epoch: 3 });
+        assert_eq!(
+            listener.next().await,
+            "STATUS=connected; applying the desired state (epoch 3)"
+        );
+        assert_eq!(listener.next().await, "EXTEND_TIMEOUT_USEC=30000000");
+        let failing = Startup::Failing {
+            since_unix_ms: 1_765_000_000_000,
+            reason: "app@1.0: bucket unreachable".into(),
+        };
+        startup.send_replace(failing);
+        let failing_status = "STATUS=install failing since 2025-12-06T05:46:40Z: app@1.0: bucket unreachable";
+        assert_eq!(listener.next().await, failing_status);
+        assert_eq!(listener.next().await, format!("READY=1\n{failing_status}"));
+        startup.send_replace(Startup::Ready);
+        assert_eq!(listener.next().await, "STATUS=connected; desired state applied");
         task.abort();
     }
 

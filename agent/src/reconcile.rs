@@ -3,24 +3,69 @@
 //! only (a push older than the last one applied is ignored, also across
 //! restarts), reports the outcome of each release as a progress event, and
 //! keeps reporting the health of every current release.
+//!
+//! Level-triggered: a desired state without a deployment (the stack's approved
+//! releases, sent when the agent connects) that fails to install is retried
+//! with capped, jittered backoff until it succeeds or a newer one arrives, and
+//! every report says "install failing since T: reason" meanwhile. A
+//! deployment's desired state is not retried here: its rollout decides.
+//!
+//! Health is never silent: a release whose checks cannot even be read (its
+//! directory moved away, its manifest unreadable) is reported unhealthy with
+//! the reason, every exit of its app is reported at once, and repeated exits
+//! make it unhealthy whatever its checks say (see `service::crash_loop`).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use rollwave_proto::v1 as pb;
 use rollwave_proto::v1::agent_message::Body as AgentBody;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 
+use rollwave_release::HealthCheck;
+
+use crate::backoff::Backoff;
 use crate::install::Goal;
 use crate::installer::{InstallOutcome, InstallRequest, Installer, Repair, read_manifest};
 use crate::journal::Source;
+use crate::service::{AppExit, ServiceRecord, crash_loop};
 
 /// How often the health checks of current releases run.
 const HEALTH_INTERVAL: Duration = Duration::from_secs(2);
 /// Per-round deadline for the health checks of one release.
 const HEALTH_ROUND_DEADLINE: Duration = Duration::from_secs(30);
+/// A failed install of the approved releases is retried after this, doubling up to [`RETRY_MAX`],
+/// each delay jittered (so a fleet that lost S3 together does not come back together).
+const RETRY_INITIAL: Duration = Duration::from_secs(2);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// Where applying the coordinator's desired state stands, for readiness and `STATUS=`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Convergence {
+    /// Nothing handled by this process yet.
+    Pending,
+    /// The desired state of `epoch` is handled: applied (or ignored as stale), or, for a
+    /// deployment's, its outcome reported to the rollout that owns it.
+    Applied { epoch: u64 },
+    /// Installing the approved releases (desired state `epoch`) keeps failing; retried with backoff.
+    Failing {
+        epoch: u64,
+        since_unix_ms: i64,
+        reason: String,
+    },
+}
+
+/// "install failing since 2026-12-06T03:00:00Z: <reason>": what `STATUS=`, the log and the
+/// coordinator's `status` say while an install of the approved releases keeps failing.
+pub fn failing_text(since_unix_ms: i64, reason: &str) -> String {
+    let since = SystemTime::UNIX_EPOCH + Duration::from_millis(u64::try_from(since_unix_ms).unwrap_or(0));
+    format!(
+        "install failing since {}: {reason}",
+        humantime::format_rfc3339_seconds(since)
+    )
+}
 
 /// The last desired state applied, persisted so stale pushes stay ignored after a restart.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,18 +116,21 @@ fn source_of(release: &pb::ReleaseRef) -> Source {
     }
 }
 
-/// Applies desired states as they arrive, until `desired` closes. `handled`
-/// holds the highest epoch applied (or ignored as stale) by this process, for
-/// the agent's readiness.
+/// Applies desired states as they arrive, until `desired` closes, retrying a failed install of
+/// the approved releases (see the module doc). `convergence` says how far it got, for the agent's
+/// readiness.
 pub async fn run(
     installer: Installer,
     mut desired: watch::Receiver<Option<pb::DesiredState>>,
     reports: Reports,
-    handled: watch::Sender<u64>,
+    convergence: watch::Sender<Convergence>,
 ) {
     let mut applied = load_applied(&installer);
+    let mut backoff = Backoff::new(RETRY_INITIAL, RETRY_MAX);
+    let mut failing_since: Option<i64> = None;
     loop {
         let state = desired.borrow_and_update().clone();
+        let mut retry_in = None;
         if let Some(state) = state {
             if state.epoch < applied.epoch {
                 tracing::info!(
@@ -90,29 +138,69 @@ pub async fn run(
                     applied = applied.epoch,
                     "ignoring a stale desired state"
                 );
+                convergence.send_replace(Convergence::Applied { epoch: state.epoch });
             } else {
-                apply(&installer, &state, &reports).await;
+                // The approved releases are ours to retry; a deployment's are its rollout's.
+                let retrying = state.deployment_id.is_empty();
+                let failure = apply(&installer, &state, &reports, retrying, &mut failing_since).await;
                 if state.epoch > applied.epoch {
                     applied.epoch = state.epoch;
                     save_applied(&installer, &applied);
                 }
+                match (failure, failing_since) {
+                    (Some(reason), Some(since)) if retrying => {
+                        let delay = backoff.next_delay(fastrand::f64());
+                        tracing::warn!(retry_in = ?delay, "{}", failing_text(since, &reason));
+                        convergence.send_replace(Convergence::Failing {
+                            epoch: state.epoch,
+                            since_unix_ms: since,
+                            reason,
+                        });
+                        retry_in = Some(delay);
+                    }
+                    _ => {
+                        if failing_since.take().is_some() {
+                            tracing::info!(epoch = state.epoch, "the install that kept failing is done");
+                        }
+                        backoff.reset();
+                        convergence.send_replace(Convergence::Applied { epoch: state.epoch });
+                    }
+                }
             }
-            handled.send_modify(|epoch| *epoch = (*epoch).max(state.epoch));
         }
-        if desired.changed().await.is_err() {
-            return;
+        match retry_in {
+            Some(delay) => {
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    changed = desired.changed() => if changed.is_err() { return },
+                }
+            }
+            None => {
+                if desired.changed().await.is_err() {
+                    return;
+                }
+            }
         }
     }
 }
 
-/// Prepares, then activates, what `state` names; reports each release's outcome.
-async fn apply(installer: &Installer, state: &pb::DesiredState, reports: &Reports) {
+/// Prepares, then activates, what `state` names; reports each release's outcome. Returns the
+/// first failure. When `retrying`, a failure is reported as failing since `failing_since` (set
+/// now if it was not).
+async fn apply(
+    installer: &Installer,
+    state: &pb::DesiredState,
+    reports: &Reports,
+    retrying: bool,
+    failing_since: &mut Option<i64>,
+) -> Option<String> {
     let deployment_id = Some(state.deployment_id.clone()).filter(|id| !id.is_empty());
     let steps = state
         .prepare
         .iter()
         .map(|release| (Goal::Prepare, release))
         .chain(state.active.iter().map(|release| (Goal::Activate, release)));
+    let mut first_failure = None;
     for (goal, release) in steps {
         let step = match goal {
             Goal::Prepare => "prepare",
@@ -143,6 +231,13 @@ async fn apply(installer: &Installer, state: &pb::DesiredState, reports: &Report
             ),
             Err(error) => ("failed", clip(&error.to_string())),
         };
+        let failing_since_unix_ms = match &result {
+            Err(_) if retrying => *failing_since.get_or_insert_with(|| crate::unix_ms(SystemTime::now())),
+            _ => 0,
+        };
+        if result.is_err() && first_failure.is_none() {
+            first_failure = Some(format!("{}@{}: {message}", release.bundle, release.version));
+        }
         tracing::info!(bundle = %release.bundle, version = %release.version, step, outcome, %message, "desired state step");
         let activated = goal == Goal::Activate && result.is_ok();
         send(
@@ -155,14 +250,18 @@ async fn apply(installer: &Installer, state: &pb::DesiredState, reports: &Report
                 step: step.to_owned(),
                 state: outcome.to_owned(),
                 message,
+                failing_since_unix_ms,
             }),
         );
         if activated {
             // The coordinator's healthy clock starts at the first report: send one now rather
             // than at the next round of the health loop.
-            check_and_report(installer, &release.bundle, &release.version, reports).await;
+            let checks = health_checks(installer, &release.bundle, &release.version);
+            let interval = HEALTH_INTERVAL + round_time(&checks);
+            check_and_report(installer, &release.bundle, &release.version, checks, interval, reports).await;
         }
     }
+    first_failure
 }
 
 /// Reports carry at most this much of an error (the full text is in the agent's log).
@@ -198,27 +297,134 @@ pub fn observed(installer: &Installer) -> Vec<pb::ObservedRelease> {
     releases
 }
 
-/// Runs the health checks of `version` of `bundle` once and reports the verdict.
-async fn check_and_report(installer: &Installer, bundle: &str, version: &str, reports: &Reports) -> Option<bool> {
+/// The health checks of `version` of `bundle` and the directory they run in, or why they
+/// cannot run: then the release cannot be healthy either.
+fn health_checks(installer: &Installer, bundle: &str, version: &str) -> Result<(Vec<HealthCheck>, PathBuf), String> {
     let dir = installer.layout().release_dir(bundle, version);
-    let manifest = read_manifest(&dir).ok()?;
-    let log_dir = installer.layout().hook_log_dir().join(bundle);
-    let verdict = crate::health::wait_healthy(&manifest.health, &dir, &log_dir, Duration::ZERO);
-    let verdict = tokio::time::timeout(HEALTH_ROUND_DEADLINE, verdict)
-        .await
-        .unwrap_or_else(|_| Err("health checks did not finish in time".into()));
+    if !dir.is_dir() {
+        return Err(format!(
+            "the release directory {} is missing (moved or deleted): {bundle}@{version} cannot run; \
+             deploy it again or roll back",
+            dir.display()
+        ));
+    }
+    let manifest =
+        read_manifest(&dir).map_err(|error| format!("cannot read the health checks of {bundle}@{version}: {error}"))?;
+    Ok((manifest.health, dir))
+}
+
+/// How long one round of these checks may take (bounded by the round deadline).
+fn round_time(checks: &Result<(Vec<HealthCheck>, PathBuf), String>) -> Duration {
+    checks
+        .as_ref()
+        .map_or(Duration::ZERO, |(checks, _)| crate::health::round_bound(checks))
+        .min(HEALTH_ROUND_DEADLINE)
+}
+
+/// The verdict on `version` of `bundle`: its checks' (or why they cannot run), overridden by a
+/// crash loop of its app.
+async fn verdict(
+    installer: &Installer,
+    bundle: &str,
+    version: &str,
+    checks: Result<(Vec<HealthCheck>, PathBuf), String>,
+    app: Option<&ServiceRecord>,
+) -> Result<(), String> {
+    let checked = match checks {
+        Err(reason) => Err(reason),
+        Ok((checks, dir)) => {
+            let log_dir = installer.layout().hook_log_dir().join(bundle);
+            let round = crate::health::check_once(&checks, &dir, &log_dir);
+            tokio::time::timeout(HEALTH_ROUND_DEADLINE, round)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(format!(
+                        "the health checks of {bundle}@{version} did not finish within {}",
+                        humantime::format_duration(HEALTH_ROUND_DEADLINE)
+                    ))
+                })
+        }
+    };
+    let now = crate::unix_ms(SystemTime::now());
+    let looping = app.and_then(|record| {
+        let looping = crash_loop(&record.recent_exits, now)?;
+        Some(match &record.last_exit {
+            Some(last) => format!("{looping} (last: {})", last.reason),
+            None => looping,
+        })
+    });
+    match (checked, looping) {
+        (Ok(()), Some(looping)) => Err(looping),
+        (Err(failures), Some(looping)) => Err(format!("{looping}; {failures}")),
+        (checked, None) => checked,
+    }
+}
+
+/// The app of `version` of `bundle`, if the agent runs it.
+fn app_of(installer: &Installer, bundle: &str, version: &str) -> Option<ServiceRecord> {
+    installer
+        .services()
+        .load(bundle)
+        .filter(|record| record.version == version)
+}
+
+fn millis(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// Runs the health checks of `version` of `bundle` once and reports the verdict; `interval` is
+/// the longest the agent lets pass until the next one.
+async fn check_and_report(
+    installer: &Installer,
+    bundle: &str,
+    version: &str,
+    checks: Result<(Vec<HealthCheck>, PathBuf), String>,
+    interval: Duration,
+    reports: &Reports,
+) -> bool {
+    let app = app_of(installer, bundle, version);
+    let verdict = verdict(installer, bundle, version, checks, app.as_ref()).await;
     let healthy = verdict.is_ok();
+    let last_exit = app.as_ref().and_then(|record| record.last_exit.clone());
     send(
         reports,
         AgentBody::Health(pb::HealthEvent {
             bundle: bundle.to_owned(),
             version: version.to_owned(),
             healthy,
-            detail: verdict.err().unwrap_or_default(),
-            observed_at_unix_ms: crate::unix_ms(std::time::SystemTime::now()),
+            detail: verdict.err().map(|detail| clip(&detail)).unwrap_or_default(),
+            observed_at_unix_ms: crate::unix_ms(SystemTime::now()),
+            app_exited: false,
+            app_restarts: app.as_ref().map_or(0, |record| record.total_restarts),
+            last_exit_at_unix_ms: last_exit.as_ref().map_or(0, |exit| exit.at_unix_ms),
+            last_exit: last_exit.map(|exit| clip(&exit.reason)).unwrap_or_default(),
+            check_interval_ms: millis(interval),
         }),
     );
-    Some(healthy)
+    healthy
+}
+
+/// Reports an exit of an app at once, as an unhealthy verdict with the reason (a crash loop says so).
+pub fn report_exit(reports: &Reports, exit: &AppExit) {
+    let detail = match &exit.crash_loop {
+        Some(looping) => format!("{looping} (last: {})", exit.reason),
+        None => format!("the app stopped: {}; the agent restarts it", exit.reason),
+    };
+    send(
+        reports,
+        AgentBody::Health(pb::HealthEvent {
+            bundle: exit.bundle.clone(),
+            version: exit.version.clone(),
+            healthy: false,
+            detail: clip(&detail),
+            observed_at_unix_ms: exit.at_unix_ms,
+            app_exited: true,
+            app_restarts: exit.restarts,
+            last_exit: clip(&exit.reason),
+            last_exit_at_unix_ms: exit.at_unix_ms,
+            check_interval_ms: 0,
+        }),
+    );
 }
 
 /// Whether an install that switches `bundle` (an activation or a rollback) is under way.
@@ -235,16 +441,30 @@ fn is_activating(installer: &Installer, bundle: &str) -> bool {
 pub async fn report_health(installer: Installer, reports: Reports) {
     let mut last: BTreeMap<String, (String, bool)> = BTreeMap::new();
     loop {
-        for release in observed(&installer) {
-            if is_activating(&installer, &release.bundle) {
-                // The activation runs the health checks itself and reports the outcome; a round
-                // now could catch the app between its stop and its start and report a false
-                // "unhealthy" (which would hold the next deployment's plan below its floor).
-                continue;
-            }
-            let Some(healthy) = check_and_report(&installer, &release.bundle, &release.version, &reports).await else {
-                continue;
-            };
+        let releases: Vec<_> = observed(&installer)
+            .into_iter()
+            // The activation runs the health checks itself and reports the outcome; a round
+            // now could catch the app between its stop and its start and report a false
+            // "unhealthy" (which would hold the next deployment's plan below its floor).
+            .filter(|release| !is_activating(&installer, &release.bundle))
+            .map(|release| {
+                let checks = health_checks(&installer, &release.bundle, &release.version);
+                (release, checks)
+            })
+            .collect();
+        // Rounds run one release after the other: the next verdict on each is due within a
+        // pause plus every release's round.
+        let interval = HEALTH_INTERVAL + releases.iter().map(|(_, checks)| round_time(checks)).sum::<Duration>();
+        for (release, checks) in releases {
+            let healthy = check_and_report(
+                &installer,
+                &release.bundle,
+                &release.version,
+                checks,
+                interval,
+                &reports,
+            )
+            .await;
             let now = (release.version.clone(), healthy);
             if last.get(&release.bundle) != Some(&now) {
                 tracing::info!(bundle = %release.bundle, version = %release.version, healthy, "health changed");
@@ -272,7 +492,75 @@ pub async fn report_repairs(mut repairs: mpsc::UnboundedReceiver<Repair>, report
                 step: REPAIR_STEP.to_owned(),
                 state: "done".to_owned(),
                 message: clip(&repair.message),
+                failing_since_unix_ms: 0,
             }),
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::installer::InstallSettings;
+    use crate::layout::Layout;
+
+    async fn reported_verdict(installer: &Installer, version: &str) -> pb::HealthEvent {
+        let (reports, mut queue) = mpsc::channel(8);
+        let checks = health_checks(installer, "app", version);
+        check_and_report(installer, "app", version, checks, HEALTH_INTERVAL, &reports).await;
+        match queue.try_recv().expect("a verdict is always sent").body {
+            Some(AgentBody::Health(event)) => event,
+            other => panic!("not a health event: {other:?}"),
+        }
+    }
+
+    /// Field trial: with the running release's directory moved away or its rollwave.toml
+    /// unreadable, the agent sent no verdict and the coordinator kept "healthy" forever.
+    #[tokio::test]
+    async fn a_release_whose_checks_cannot_be_read_is_reported_unhealthy_with_the_reason() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let layout = Layout::new(dir.path());
+        let installer = Installer::new(layout.clone(), InstallSettings::default(), None);
+
+        let moved = reported_verdict(&installer, "1.0").await;
+        assert!(!moved.healthy);
+        assert!(
+            moved.detail.contains("is missing (moved or deleted)"),
+            "{}",
+            moved.detail
+        );
+        assert_eq!(moved.check_interval_ms, 2_000);
+
+        let release = layout.release_dir("app", "2.0");
+        std::fs::create_dir_all(release.join("rollwave.toml")).expect("a directory where the manifest should be");
+        let unreadable = reported_verdict(&installer, "2.0").await;
+        assert!(!unreadable.healthy);
+        assert!(
+            unreadable
+                .detail
+                .starts_with("cannot read the health checks of app@2.0: rollwave.toml must be a regular file"),
+            "{}",
+            unreadable.detail
+        );
+
+        std::fs::remove_dir(release.join("rollwave.toml")).expect("remove");
+        std::fs::write(
+            release.join("rollwave.toml"),
+            "[[health]]\ncommand = \"exit 1\"\ntimeout = \"3s\"\n",
+        )
+        .expect("manifest");
+        let failing = reported_verdict(&installer, "2.0").await;
+        assert_eq!(
+            failing.detail, "exit 1: exit code 1",
+            "no 'within 0s' in a periodic verdict"
+        );
+    }
+
+    #[test]
+    fn the_failing_text_names_since_when_and_why() {
+        assert_eq!(
+            failing_text(1_765_000_000_000, "app@1.0: S3 unreachable"),
+            "install failing since 2025-12-06T05:46:40Z: app@1.0: S3 unreachable"
         );
     }
 }

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{Mutex, mpsc};
 
 use crate::grpc::Shared;
+use crate::health::HealthState;
 use crate::model::unix_ms;
 use crate::planner::{self, Candidate, Health, Plan, Strategy, WaveKind};
 use crate::presence::Presence;
@@ -31,7 +32,7 @@ pub struct Deployer {
     running: Mutex<BTreeMap<String, Live>>,
     /// The last health verdict stored per (instance, bundle): agents report every few
     /// seconds, the store is written only when the verdict or the version changes.
-    last_health: std::sync::Mutex<BTreeMap<(String, String), (String, bool)>>,
+    last_health: std::sync::Mutex<BTreeMap<(String, String), crate::store::HealthRow>>,
     /// Drains and undrains for [`run_traffic_jobs`]; queued after the step that issued them is stored.
     traffic_jobs: mpsc::UnboundedSender<TrafficJob>,
     traffic_queue: std::sync::Mutex<Option<mpsc::UnboundedReceiver<TrafficJob>>>,
@@ -230,14 +231,7 @@ async fn candidates(shared: &Shared, stack: &str, bundle: &str) -> Result<Vec<Ca
         .filter(|pin| pin.bundle == bundle)
         .map(|pin| pin.instance_id)
         .collect();
-    let unhealthy: BTreeSet<String> = shared
-        .store
-        .health(stack)
-        .await?
-        .into_iter()
-        .filter(|health| !health.healthy)
-        .map(|health| health.instance_id)
-        .collect();
+    let verdicts = shared.store.health(stack).await?;
     Ok(instances
         .into_iter()
         .map(|instance| {
@@ -246,10 +240,21 @@ async fn candidates(shared: &Shared, stack: &str, bundle: &str) -> Result<Vec<Ca
                 instance.last_seen_ms,
                 now,
             );
+            // Verdicts on releases the instance runs: a bundle it no longer runs says nothing.
+            let verdicts = verdicts.iter().filter(|verdict| {
+                verdict.instance_id == instance.id
+                    && instance
+                        .observed
+                        .iter()
+                        .any(|release| release.bundle == verdict.bundle && release.version == verdict.version)
+            });
             let health = match presence {
                 Presence::Lost => Health::Lost,
-                Presence::Online if !unhealthy.contains(&instance.id) => Health::Healthy,
-                _ => Health::Unhealthy,
+                _ => match crate::health::instance_health_state(verdicts, presence == Presence::Online, now) {
+                    HealthState::Healthy => Health::Healthy,
+                    HealthState::Unhealthy => Health::Unhealthy,
+                    HealthState::Unknown | HealthState::Stale => Health::Unknown,
+                },
             };
             Candidate {
                 pinned: pinned.contains(&instance.id),
@@ -532,10 +537,11 @@ impl Deployer {
         self.feed(shared, instance_id, &event.bundle, |live| report(live)).await;
     }
 
-    /// An agent's health report (recorded for status; fed to a deployment of that release).
+    /// An agent's health report (recorded for status; fed to a deployment of that release). An
+    /// exit of the release's app is a report of its own kind.
     pub async fn on_health(&self, shared: &Shared, instance_id: &str, event: &pb::HealthEvent) {
         let now = now_ms();
-        let row = crate::store::HealthRow {
+        let mut row = crate::store::HealthRow {
             instance_id: instance_id.to_owned(),
             bundle: event.bundle.clone(),
             version: event.version.clone(),
@@ -543,17 +549,28 @@ impl Deployer {
             detail: event.detail.clone(),
             since_ms: now,
             observed_at_ms: now,
+            check_interval_ms: i64::from(event.check_interval_ms),
+            app_restarts: i64::from(event.app_restarts),
+            last_exit: event.last_exit.clone(),
+            last_exit_at_ms: event.last_exit_at_unix_ms,
         };
         let key = (instance_id.to_owned(), event.bundle.clone());
-        let verdict = (event.version.clone(), event.healthy);
-        let changed = {
+        let write = {
             let mut last = self
                 .last_health
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            last.insert(key.clone(), verdict.clone()).as_ref() != Some(&verdict)
+            let stored = last.get(&key);
+            let write = crate::health::needs_write(stored, &row);
+            if write {
+                if row.check_interval_ms == 0 {
+                    row.check_interval_ms = stored.map_or(0, |stored| stored.check_interval_ms);
+                }
+                last.insert(key.clone(), row.clone());
+            }
+            write
         };
-        if changed && let Err(error) = shared.store.record_health(&row).await {
+        if write && let Err(error) = shared.store.record_health(&row).await {
             tracing::warn!(instance = %instance_id, %error, "cannot record health");
             // Try again with the next report.
             self.last_health
@@ -563,7 +580,9 @@ impl Deployer {
         }
         self.feed(shared, instance_id, &event.bundle, |live| {
             (event.version == live.row.version).then(|| {
-                if event.healthy {
+                if event.app_exited {
+                    Report::Exited(event.detail.clone())
+                } else if event.healthy {
                     Report::Healthy
                 } else {
                     Report::Unhealthy(event.detail.clone())

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod deployer;
 pub mod enrollment;
 pub mod grpc;
+pub mod health;
 pub mod identity;
 pub mod listener;
 pub mod lock;

@@ -9,6 +9,9 @@
 //! - **Targets** are the instances that are neither lost nor pinned. A lost instance counts neither
 //!   as healthy nor as a target. A pinned instance is a deliberate exception and is skipped, but
 //!   if it is healthy it keeps serving, so it counts toward the stack's healthy total.
+//! - Only a current healthy verdict makes an instance healthy: one with no verdict yet, or a stale
+//!   one, is *unknown*, and the plan treats it like an unhealthy one (it cannot be counted on to
+//!   serve, so it neither holds up the floor nor costs it anything).
 //! - **All at once**: one wave holding every target, by id. No minimum-healthy floor applies:
 //!   updating everything together is the operator's explicit choice.
 //! - **Rolling**: a canary wave, then zone by zone in batches, never below the floor.
@@ -57,6 +60,9 @@ pub enum Health {
     Healthy,
     /// Reachable but not serving: updating it costs the stack nothing.
     Unhealthy,
+    /// Reachable, but no current verdict (none yet, or a stale one): it cannot be counted on to
+    /// serve, so it is planned like an unhealthy instance.
+    Unknown,
     /// Not heard from for too long: neither healthy nor a target.
     Lost,
 }
@@ -473,8 +479,8 @@ mod tests {
     const MAX_ZONES: usize = 5;
     const MAX_PER_ZONE: usize = 12;
 
-    /// Builds a stack from `zone: id id …; zone: …`. An id may end in `?` (unhealthy) or `!` (lost)
-    /// and in `@` (pinned); the others are healthy.
+    /// Builds a stack from `zone: id id …; zone: …`. An id may end in `?` (unhealthy), `~` (no
+    /// current verdict) or `!` (lost) and in `@` (pinned); the others are healthy.
     fn stack(spec: &str) -> Vec<Candidate> {
         let mut instances = Vec::new();
         for group in spec.split(';').filter(|group| !group.trim().is_empty()) {
@@ -484,11 +490,13 @@ mod tests {
                     Health::Lost
                 } else if token.contains('?') {
                     Health::Unhealthy
+                } else if token.contains('~') {
+                    Health::Unknown
                 } else {
                     Health::Healthy
                 };
                 instances.push(Candidate {
-                    id: token.trim_end_matches(['?', '!', '@']).into(),
+                    id: token.trim_end_matches(['?', '~', '!', '@']).into(),
                     zone: zone.trim().into(),
                     layer: "web".into(),
                     health,
@@ -621,6 +629,28 @@ mod tests {
             "z1: a1 a2?; z2: b1",
             rolling(2, "25%", "0"),
             expect!["canary:[a1 b1] z1:[a2] | healthy 2 of 3, floor 0"],
+        );
+    }
+
+    /// Field trial: an instance with no health verdict yet counted as healthy in the floor.
+    #[test]
+    fn instances_without_a_current_verdict_do_not_hold_up_the_floor() {
+        check(
+            "z1: a1 a2~; z2: b1 b2~; z3: c1 c2",
+            rolling(1, "1", "50%"),
+            expect!["canary:[a1] z1:[a2] z2:[b1] z2:[b2] z3:[c1] z3:[c2] | healthy 4 of 6, floor 3"],
+        );
+        check(
+            "z1: a1 a2~; z2: b1~ b2~",
+            rolling(1, "1", "75%"),
+            expect![
+                "error: --min-healthy 75% means 3 of the stack's 4 instances must stay healthy during every wave, and 1 are healthy now: no wave could take a healthy instance out of service; lower --min-healthy to 0 or less, or make more instances healthy"
+            ],
+        );
+        check(
+            "z1: a1~ a2~; z2: b1~",
+            rolling(1, "1", "75%"),
+            expect!["canary:[a1] z1:[a2] z2:[b1] | healthy 0 of 3, floor 3"],
         );
     }
 
@@ -1140,8 +1170,10 @@ mod tests {
                         Health::Lost
                     } else if roll < healthy_percent {
                         Health::Healthy
-                    } else {
+                    } else if roll % 2 == 0 {
                         Health::Unhealthy
+                    } else {
+                        Health::Unknown
                     };
                     instances.push(Candidate {
                         id: format!("i{tag:03}-{:02}", instances.len()),

@@ -25,6 +25,7 @@
 //! Pending ──Prepare──▶ Preparing ──prepared──▶ Prepared ──Activate, when its wave starts──▶ Activating
 //! Activating ──activated──▶ Activated ──healthy without a break for min_healthy_time──▶ Settled
 //! any of the above ──prepare or activation failed, lost, healthy_deadline passed──▶ Failed
+//! Activating | Activated ──its app exited (it had to stay healthy)──▶ Failed
 //! Settled ──unhealthy or lost while the rollout goes on (bakes included)──▶ Failed
 //! on rollback: Activating | Activated | Settled | Failed while it may run the release ──SwitchBack──▶ SwitchingBack
 //! SwitchingBack ──▶ SwitchedBack | SwitchBackFailed
@@ -406,6 +407,10 @@ pub enum Report {
     Healthy,
     /// A health observation: a check fails. Resets the instance's healthy clock.
     Unhealthy(String),
+    /// The release's app exited (the agent restarts it). Fails an instance that has yet to stay
+    /// healthy for the minimum time; a settled one fails only once its agent reports it unhealthy
+    /// (repeated exits are a crash loop).
+    Exited(String),
     /// Back on the previous release.
     SwitchedBack,
     /// Switching back failed; the instance may still run the release.
@@ -868,6 +873,12 @@ impl Rollout {
                 reason: format!("unhealthy after settling: {message}"),
                 needs_switch_back: true,
             },
+            (InstanceState::Activating { .. } | InstanceState::Activated { .. }, Report::Exited(message)) => {
+                InstanceState::Failed {
+                    reason: format!("the app exited before it was healthy for the minimum time: {message}"),
+                    needs_switch_back: true,
+                }
+            }
             (InstanceState::SwitchingBack { .. }, Report::SwitchBackFailed(message)) => {
                 InstanceState::SwitchBackFailed { reason: message }
             }
@@ -1678,6 +1689,7 @@ mod tests {
                     "activate-failed" => Report::ActivateFailed("application_start exited 1".to_owned()),
                     "healthy" => Report::Healthy,
                     "unhealthy" => Report::Unhealthy("GET /health: 503".to_owned()),
+                    "exited" => Report::Exited("the app stopped: exited with code 1".to_owned()),
                     "switched-back" => Report::SwitchedBack,
                     "switch-back-failed" => Report::SwitchBackFailed("application_start exited 1".to_owned()),
                     "drained" => Report::Drained,
@@ -2298,6 +2310,84 @@ mod tests {
                 39 healthy d
                     succeeded: 4 of 4 instances on the release; 0 failures, 0 allowed
                     a=settled b=settled c=settled d=settled
+            "#]],
+        );
+    }
+
+    /// Field trial: an app that exited 20 s after each start passed its deployment, because the agent
+    /// restarted it within a second each time. An exit before the instance settled fails it; after
+    /// settling, only an unhealthy verdict (a crash loop) does.
+    #[test]
+    fn an_app_exit_fails_an_instance_that_has_not_settled_yet() {
+        check(
+            rollout(&[&["a"], &["b"]], options()),
+            "
+            0 start
+            1 prepared a b
+            2 activated a
+            3 healthy a
+            5 exited a
+            6 tick
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 2 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing
+                    > prepare a, prepare b
+                1 prepared a b
+                    wave 1/2: 1 activating; 0 failures, 0 allowed
+                    a=activating b=prepared
+                    > activate a
+                2 activated a
+                    wave 1/2: 1 activated; 0 failures, 0 allowed
+                    a=activated b=prepared
+                3 healthy a
+                    wave 1/2: 1 healthy; 0 failures, 0 allowed
+                    a=healthy b=prepared
+                5 exited a
+                    rolling back (failed: 1 failure, 0 allowed; last: a: the app exited before it was healthy for the minimum time: the app stopped: exited with code 1): 1 switching back
+                    a=switching-back b=prepared
+                    > switch-back a
+                6 tick
+                    rolling back (failed: 1 failure, 0 allowed; last: a: the app exited before it was healthy for the minimum time: the app stopped: exited with code 1): 1 switching back
+                    a=switching-back b=prepared
+            "#]],
+        );
+        check(
+            rollout(&[&["a", "b"]], options()),
+            "
+            0 start
+            1 prepared a b
+            2 activated a b
+            3 healthy a b
+            13 tick
+            14 exited a
+            15 tick
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 2 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing
+                    > prepare a, prepare b
+                1 prepared a b
+                    wave 1/1: 2 activating; 0 failures, 0 allowed
+                    a=activating b=activating
+                    > activate a, activate b
+                2 activated a b
+                    wave 1/1: 2 activated; 0 failures, 0 allowed
+                    a=activated b=activated
+                3 healthy a b
+                    wave 1/1: 2 healthy; 0 failures, 0 allowed
+                    a=healthy b=healthy
+                13 tick
+                    succeeded: 2 of 2 instances on the release; 0 failures, 0 allowed
+                    a=settled b=settled
+                14 exited a
+                    succeeded: 2 of 2 instances on the release; 0 failures, 0 allowed
+                    a=settled b=settled
+                15 tick
+                    succeeded: 2 of 2 instances on the release; 0 failures, 0 allowed
+                    a=settled b=settled
             "#]],
         );
     }
@@ -3537,6 +3627,7 @@ mod tests {
             Just(Report::ActivateFailed("x".to_owned())),
             Just(Report::Healthy),
             Just(Report::Unhealthy("x".to_owned())),
+            Just(Report::Exited("x".to_owned())),
             Just(Report::SwitchedBack),
             Just(Report::SwitchBackFailed("x".to_owned())),
             Just(Report::Drained),

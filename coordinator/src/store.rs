@@ -24,7 +24,7 @@ use crate::registry::{self, Decision, RegistrationRefused};
 mod deployments;
 mod traffic;
 
-pub use deployments::{Approval, DeploymentRow, DeploymentUpdate, HealthRow, Pin};
+pub use deployments::{Approval, DeploymentRow, DeploymentUpdate, HealthRow, InstallFailureRow, Pin};
 
 /// The SQLite migrations, embedded so the binary carries its own schema.
 const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -50,6 +50,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "approval kind",
         include_str!("../migrations/sqlite/0007_approval_kind.sql"),
+    ),
+    (
+        8,
+        "agent truth",
+        include_str!("../migrations/sqlite/0008_agent_truth.sql"),
     ),
 ];
 

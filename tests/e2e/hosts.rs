@@ -561,6 +561,28 @@ fn hosts_agent_restart_mid_install_and_reboot_keep_the_release_consistent() {
     });
 }
 
+/// Field trial: app crashes were invisible. Under systemd the app's unit restarts it by itself
+/// (`Restart=on-failure`); the agent reads each restart (`NRestarts`) and its reason
+/// (`ExecMainCode`/`ExecMainStatus`) and reports it, so `status` shows it.
+#[test]
+fn hosts_an_app_systemd_restarted_shows_in_status_with_its_exit() {
+    let mut lab = lab_with_approved_1_0();
+    bootstrap_fleet(&mut lab, 1);
+    wait_serving(&lab, 0, "1.0");
+    let before = app_pid(&lab, 0);
+    lab.instances[0].sh_ok(&format!("kill -KILL {before}"));
+    wait_long("systemd to restart the app", || {
+        let pid = lab.instances[0].unit_property("rollwave-app-app.service", "MainPID");
+        (pid != before && pid != "0").then_some(())
+    });
+    let row = wait_long("status to show the restart and why", || {
+        let row = app_status(&lab)["instances"][0].clone();
+        (row["app_restarts"] == 1 && row["last_exit"] == "killed by signal 9 (SIGKILL)").then_some(row)
+    });
+    assert!(row["last_exit_at"].is_string(), "{row}");
+    wait_serving(&lab, 0, "1.0");
+}
+
 /// Scenario 4: upgrading the agent package while no deployment runs keeps the
 /// instance's identity, its state and its running app (which keeps serving).
 #[test]

@@ -1,6 +1,7 @@
 //! End-to-end scenarios: real coordinator and agent processes on loopback.
 //! One test binary; the shared harness lives in `tests/harness`.
 
+mod agent_truth;
 mod cli;
 mod damage;
 mod demo;

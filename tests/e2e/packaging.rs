@@ -154,6 +154,16 @@ fn receive_until(socket: &UnixDatagram, received: &mut Vec<String>, what: &str, 
 /// Starts `rollwave-agent run` for stack `web` with `NOTIFY_SOCKET` pointing at a
 /// socket this test binds (and a 1 s watchdog), reading releases from the test S3 server.
 fn start_notified_agent(parent: &Path, coordinator: &Coordinator, token: &str) -> (NotifiedAgent, UnixDatagram) {
+    start_notified_agent_with(parent, coordinator, token, |config| config)
+}
+
+/// [`start_notified_agent`] with its agent.toml rewritten by `edit` first.
+fn start_notified_agent_with(
+    parent: &Path,
+    coordinator: &Coordinator,
+    token: &str,
+    edit: impl FnOnce(String) -> String,
+) -> (NotifiedAgent, UnixDatagram) {
     let dir = parent.join("notified");
     std::fs::create_dir_all(&dir).expect("agent dir");
     let mut config = format!(
@@ -167,7 +177,7 @@ fn start_notified_agent(parent: &Path, coordinator: &Coordinator, token: &str) -
     if let Ok(endpoint) = std::env::var(rollwave_tests::s3::ENDPOINT_VAR) {
         config.push_str(&format!("[s3]\nendpoint = \"{endpoint}\"\nforce_path_style = true\n"));
     }
-    std::fs::write(dir.join("agent.toml"), config).expect("agent.toml");
+    std::fs::write(dir.join("agent.toml"), edit(config)).expect("agent.toml");
 
     let socket_path = dir.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
@@ -318,5 +328,43 @@ fn agent_is_ready_only_once_the_approved_release_is_installed() {
         "READY=1 with app@1.0 current, not {}; log:\n{}",
         current.display(),
         agent.log_text()
+    );
+}
+
+/// Field trial: with S3 unreachable at boot the agent said READY=1 "connected; desired state
+/// applied" although it ran nothing. It says ready only after its fallback then, and why.
+#[test]
+fn agent_whose_install_keeps_failing_is_ready_only_after_its_fallback_and_says_why() {
+    let fleet = rollwave_tests::Fleet::start(0);
+    fleet.push("1.0");
+    // On the empty stack the deployment completes at once and approves 1.0.
+    let (ok, approved) = fleet.deploy_and_watch("1.0", &[]);
+    assert!(ok, "{approved}");
+    let coordinator = &fleet.cluster.coordinator;
+    // A loopback port where nothing listens: S3 is unreachable for good.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free port")
+        .port();
+    let token = coordinator.create_token("web", 1, "10m");
+    let (_agent, socket) = start_notified_agent_with(fleet.work.path(), coordinator, &token, |config| {
+        format!(
+            "ready_fallback = \"3s\"\n{}[install]\ndownload_attempts = 1\n",
+            config.replace(&rollwave_tests::s3::endpoint(), &format!("http://127.0.0.1:{port}"))
+        )
+    });
+    let mut received = Vec::new();
+    receive_until(&socket, &mut received, "the install to fail", |message| {
+        message.starts_with("STATUS=install failing since ")
+    });
+    assert!(
+        !received.iter().any(|message| is_ready(message)),
+        "READY=1 before the fallback although nothing runs: {received:?}"
+    );
+    receive_until(&socket, &mut received, "READY=1 after the fallback", is_ready);
+    let ready = received.last().cloned().unwrap_or_default();
+    assert!(
+        ready.starts_with("READY=1\nSTATUS=install failing since ") && ready.contains("app@1.0: "),
+        "READY=1 says why the instance runs nothing: {received:?}"
     );
 }

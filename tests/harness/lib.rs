@@ -357,16 +357,23 @@ pub struct Agent {
 
 impl Agent {
     pub fn start(parent: &Path, spec: AgentSpec) -> Self {
-        Self::start_with_tls(parent, spec, None)
+        Self::start_with(parent, spec, None, |config| config)
     }
 
     /// Starts a second host holding a copy of `holder`'s TLS dir (its identity):
     /// an image baked after joining, say. Its own state dir, config and hostname.
     pub fn start_with_identity_of(parent: &Path, spec: AgentSpec, holder: &Agent) -> Self {
-        Self::start_with_tls(parent, spec, Some(&holder.dir.join("tls")))
+        Self::start_with(parent, spec, Some(&holder.dir.join("tls")), |config| config)
     }
 
-    fn start_with_tls(parent: &Path, spec: AgentSpec, tls_from: Option<&Path>) -> Self {
+    /// Starts an agent, with a copy of the TLS dir `tls_from` if given, whose agent.toml `edit`
+    /// rewrites first (the default one is passed in).
+    pub fn start_with(
+        parent: &Path,
+        spec: AgentSpec,
+        tls_from: Option<&Path>,
+        edit: impl FnOnce(String) -> String,
+    ) -> Self {
         let dir = parent.join(&spec.name);
         std::fs::create_dir_all(&dir).expect("agent dir");
         if let Some(source) = tls_from {
@@ -399,7 +406,7 @@ impl Agent {
             config.push_str(&format!("[s3]\nendpoint = \"{endpoint}\"\nforce_path_style = true\n"));
         }
         config.push_str("[install]\nhealth_deadline = \"5s\"\n");
-        std::fs::write(dir.join("agent.toml"), config).expect("agent.toml");
+        std::fs::write(dir.join("agent.toml"), edit(config)).expect("agent.toml");
         let process = Self::spawn(&dir, 0);
         Self {
             spec,
@@ -499,6 +506,17 @@ impl Cluster {
     }
 
     pub fn add_agent(&mut self, name: &str, zone: &str, token: &str) -> &mut Agent {
+        self.add_agent_with(name, zone, token, |config| config)
+    }
+
+    /// Adds an agent whose agent.toml `edit` rewrites first.
+    pub fn add_agent_with(
+        &mut self,
+        name: &str,
+        zone: &str,
+        token: &str,
+        edit: impl FnOnce(String) -> String,
+    ) -> &mut Agent {
         let spec = AgentSpec {
             name: name.into(),
             zone: zone.into(),
@@ -506,7 +524,7 @@ impl Cluster {
             stack: Some(self.stack.clone()),
             coordinator: self.coordinator.addr,
         };
-        self.agents.push(Agent::start(self.temp.path(), spec));
+        self.agents.push(Agent::start_with(self.temp.path(), spec, None, edit));
         self.agents.last_mut().expect("just pushed")
     }
 }

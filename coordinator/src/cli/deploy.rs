@@ -157,10 +157,14 @@ Examples:
   rollwave unpin web site";
 
 const STATUS_HELP: &str = "\
-For every bundle: the approved version, how many instances run which version,
-the running deployment, and every instance that differs: drift (runs another
-version), pinned, deploying, missing (runs none), or unhealthy (with its health
-check's detail and since when). --output json lists every instance.
+For every bundle: the approved version, how many instances run which version, the
+running deployment, and every instance that differs: drift (runs another version),
+pinned, deploying, missing (runs none; \"install failing since T: reason\" while its
+agent cannot install the approved release), or not healthy: unhealthy (with its health
+check's detail and since when), unknown (no verdict yet, or not online) or stale (its
+agent sent no verdict for 3 check intervals). RESTARTS counts restarts of the running
+release's app and says why it last exited. --output json lists every instance, with
+`health` (healthy|unhealthy|unknown|stale) beside the boolean `healthy`.
 
 Without a stack, one line per stack and bundle, with how many instances differ.
 
@@ -1451,10 +1455,15 @@ fn running_histogram(running: &BTreeMap<String, u32>) -> String {
         .join(", ")
 }
 
-/// "healthy", or "unhealthy since 3m ago: GET /health returned 503".
+/// "healthy", "unhealthy since 3m ago: GET /health returned 503", "unknown: no health verdict
+/// yet", "stale: its agent sent no verdict for 3 check intervals".
 fn health_cell(instance: &InstanceStatusView, now: SystemTime) -> String {
-    if instance.healthy {
-        return "healthy".into();
+    match instance.health.as_str() {
+        "healthy" => return "healthy".into(),
+        "stale" => return "stale: its agent sent no verdict for 3 check intervals".into(),
+        "unknown" if instance.health_since_ms == 0 => return "unknown: no health verdict yet".into(),
+        "unknown" => return format!("unknown ({})", instance.presence),
+        _ => {}
     }
     let mut cell = String::from("unhealthy");
     if instance.health_since_ms > 0 {
@@ -1466,6 +1475,19 @@ fn health_cell(instance: &InstanceStatusView, now: SystemTime) -> String {
     cell
 }
 
+/// "0", or "3; last exit 2m ago: exited with code 1".
+fn restarts_cell(instance: &InstanceStatusView, now: SystemTime) -> String {
+    match &instance.last_exit {
+        Some(reason) if instance.last_exit_at_ms > 0 => format!(
+            "{}; last exit {}: {reason}",
+            instance.app_restarts,
+            ago_at(instance.last_exit_at_ms, now)
+        ),
+        Some(reason) => format!("{}; last exit: {reason}", instance.app_restarts),
+        None => instance.app_restarts.to_string(),
+    }
+}
+
 /// `rollwave status` for people, as seen at `now`.
 fn render_status(status: &StackStatusView, all: bool, now: SystemTime) -> String {
     struct InstanceRow {
@@ -1473,7 +1495,7 @@ fn render_status(status: &StackStatusView, all: bool, now: SystemTime) -> String
     }
     impl Tabular for InstanceRow {
         const HEADERS: &'static [&'static str] = &[
-            "INSTANCE", "HOSTNAME", "ZONE", "PRESENCE", "VERSION", "STATE", "REASON", "HEALTH",
+            "INSTANCE", "HOSTNAME", "ZONE", "PRESENCE", "VERSION", "STATE", "REASON", "HEALTH", "RESTARTS",
         ];
         fn row(&self) -> Vec<String> {
             self.cells.clone()
@@ -1525,6 +1547,7 @@ fn render_status(status: &StackStatusView, all: bool, now: SystemTime) -> String
                     instance.state.clone(),
                     instance.reason.clone().unwrap_or_else(|| "-".into()),
                     health_cell(instance, now),
+                    restarts_cell(instance, now),
                 ],
             })
             .collect();
@@ -2137,9 +2160,16 @@ mod tests {
             state: state.into(),
             reason: (!reason.is_empty()).then(|| reason.into()),
             healthy,
+            health: if healthy { "healthy" } else { "unhealthy" }.into(),
             health_detail: None,
             health_since: None,
             health_since_ms: 0,
+            app_restarts: 0,
+            last_exit: None,
+            last_exit_at: None,
+            last_exit_at_ms: 0,
+            install_failure: None,
+            install_failing_since: None,
         }
     }
 
@@ -2149,6 +2179,20 @@ mod tests {
         let mut unhealthy = instance_status("i-3", "2.0", "ok", "", false);
         unhealthy.health_detail = Some("GET /health: 503\nbody".into());
         unhealthy.health_since_ms = 1_000_000_000 - 180_000;
+        unhealthy.app_restarts = 3;
+        unhealthy.last_exit = Some("exited with code 1".into());
+        unhealthy.last_exit_at_ms = 1_000_000_000 - 120_000;
+        let mut stale = instance_status("i-5", "2.0", "ok", "", false);
+        stale.health = "stale".into();
+        stale.health_since_ms = 1_000_000_000 - 600_000;
+        let mut unknown = instance_status(
+            "i-6",
+            "",
+            "missing",
+            "install failing since 1970-01-12T13:40:00Z: S3 unreachable",
+            false,
+        );
+        unknown.health = "unknown".into();
         let status = StackStatusView {
             stack: "web".into(),
             out_of_service: vec![
@@ -2166,6 +2210,8 @@ mod tests {
                         instance_status("i-2", "1.0", "pinned", "pinned to 1.0", true),
                         unhealthy,
                         instance_status("i-4", "2.0", "ok", "", true),
+                        stale,
+                        unknown,
                     ],
                 },
                 BundleStatusView {
@@ -2183,9 +2229,11 @@ mod tests {
             stack web
 
             site: approved 2.0; running 2.0 ×3, 1.0 ×1
-              INSTANCE  HOSTNAME  ZONE  PRESENCE  VERSION  STATE   REASON         HEALTH
-              i-2       web-i-2   z1    online    1.0      pinned  pinned to 1.0  healthy
-              i-3       web-i-3   z1    online    2.0      ok      -              unhealthy since 3m ago: GET /health: 503
+              INSTANCE  HOSTNAME  ZONE  PRESENCE  VERSION  STATE    REASON                                                      HEALTH                                                  RESTARTS
+              i-2       web-i-2   z1    online    1.0      pinned   pinned to 1.0                                               healthy                                                 0
+              i-3       web-i-3   z1    online    2.0      ok       -                                                           unhealthy since 3m ago: GET /health: 503                3; last exit 2m ago: exited with code 1
+              i-5       web-i-5   z1    online    2.0      ok       -                                                           stale: its agent sent no verdict for 3 check intervals  0
+              i-6       web-i-6   z1    online    -        missing  install failing since 1970-01-12T13:40:00Z: S3 unreachable  unknown: no health verdict yet                          0
 
             chef: approved 7; running 7 ×4; deployment d-9 running
               all 4 instances run 7 and are healthy

@@ -69,6 +69,8 @@ pub struct ConnectionArgs {
     pub config: Option<PathBuf>,
 }
 
+// Parsed once per process: the size of the server's many flags costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the coordinator: gRPC over TLS, state in DATA_DIR

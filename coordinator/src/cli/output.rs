@@ -495,19 +495,35 @@ pub struct InstanceStatusView {
     pub state: String,
     /// Why the state is not "ok"; `null` when there is nothing to say.
     pub reason: Option<String>,
+    /// True only when `health` is "healthy".
     pub healthy: bool,
+    /// "healthy", "unhealthy", "unknown" (no verdict yet, or not online) or "stale" (the agent's
+    /// last verdict is older than three of its check intervals).
+    pub health: String,
     /// What the last health check said; `null` when it said nothing.
     pub health_detail: Option<String>,
     /// Since when the instance has been healthy (or, if it is not, unhealthy); `null` when unknown.
     pub health_since: Option<String>,
     #[serde(skip)]
     pub health_since_ms: i64,
+    /// Restarts of the running release's app (by the agent or systemd).
+    pub app_restarts: u32,
+    /// Why the app last exited ("exited with code 1"); `null` if it never did.
+    pub last_exit: Option<String>,
+    /// When it last exited; `null` if it never did.
+    pub last_exit_at: Option<String>,
+    #[serde(skip)]
+    pub last_exit_at_ms: i64,
+    /// Why the agent keeps failing to install the approved release; `null` when it does not.
+    pub install_failure: Option<String>,
+    /// Since when it has been failing; `null` when it is not.
+    pub install_failing_since: Option<String>,
 }
 
 impl InstanceStatusView {
     /// Whether the instance is not simply running the approved release and healthy.
     pub fn differs(&self) -> bool {
-        self.state != "ok" || !self.healthy
+        self.state != "ok" || self.health != "healthy"
     }
 }
 
@@ -535,9 +551,16 @@ impl From<pb::StackStatus> for StackStatusView {
                             state: instance.state,
                             reason: non_empty(instance.reason),
                             healthy: instance.healthy,
+                            health: instance.health,
                             health_detail: non_empty(instance.health_detail),
                             health_since: non_empty(rfc3339(instance.healthy_since_unix_ms)),
                             health_since_ms: instance.healthy_since_unix_ms,
+                            app_restarts: instance.app_restarts,
+                            last_exit: non_empty(instance.last_exit),
+                            last_exit_at: non_empty(rfc3339(instance.last_exit_at_unix_ms)),
+                            last_exit_at_ms: instance.last_exit_at_unix_ms,
+                            install_failure: non_empty(instance.install_failure),
+                            install_failing_since: non_empty(rfc3339(instance.install_failing_since_unix_ms)),
                         })
                         .collect(),
                 })

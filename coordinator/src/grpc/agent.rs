@@ -369,6 +369,7 @@ async fn serve_session(
                         tracing::warn!(instance = %instance_id, %error, "cannot record the running release");
                     }
                 }
+                record_install_failure(&shared, &instance_id, &event).await;
                 shared.deployer.on_progress(&shared, &instance_id, &event).await;
             }
             AgentBody::Health(event) => {
@@ -384,6 +385,54 @@ async fn serve_session(
     }
     shared.sessions.close(&instance_id, session_id);
     tracing::info!(instance = %instance_id, "session ended");
+}
+
+/// Keeps the store's list of installs that keep failing in step with the agent's progress: a
+/// failure the agent retries (it says since when) is recorded, and audited when it is news;
+/// any other outcome for the bundle ends it.
+async fn record_install_failure(shared: &Shared, instance_id: &str, event: &pb::ProgressEvent) {
+    let target = format!("instance:{instance_id}");
+    let release = format!("{}@{}", event.bundle, event.version);
+    let outcome = if event.failing_since_unix_ms > 0 && event.state == "failed" {
+        let failure = crate::store::InstallFailureRow {
+            instance_id: instance_id.to_owned(),
+            bundle: event.bundle.clone(),
+            version: event.version.clone(),
+            reason: event.message.clone(),
+            since_ms: event.failing_since_unix_ms,
+        };
+        shared.store.record_install_failure(&failure).await.map(|news| {
+            news.then(|| {
+                (
+                    "instance.install_failing",
+                    "failed",
+                    format!("{release}: {}", event.message),
+                )
+            })
+        })
+    } else {
+        shared
+            .store
+            .clear_install_failure(instance_id, &event.bundle)
+            .await
+            .map(|ended| {
+                ended.then(|| {
+                    (
+                        "instance.install_recovered",
+                        "ok",
+                        format!("{release}: {}", event.message),
+                    )
+                })
+            })
+    };
+    match outcome {
+        Ok(Some((action, result, detail))) => {
+            tracing::info!(instance = %instance_id, action, %detail, "install status changed");
+            shared.audit(&target, action, &target, result, detail).await;
+        }
+        Ok(None) => {}
+        Err(error) => tracing::warn!(instance = %instance_id, %error, "cannot record the install's status"),
+    }
 }
 
 fn facts_from_proto(facts: pb::InstanceFacts) -> Result<InstanceFacts, ServiceError> {

@@ -11,6 +11,7 @@ use tonic::Status;
 
 use super::{ServiceError, Shared};
 use crate::deployer::{DeployError, DeploymentRequest};
+use crate::health::HealthState;
 use crate::model::{EventFilter, unix_ms};
 use crate::planner::{Amount, Plan, RollingOptions, SkipReason, Strategy, WaveKind};
 use crate::presence::Presence;
@@ -346,6 +347,13 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
         .into_iter()
         .map(|row| ((row.instance_id.clone(), row.bundle.clone()), row))
         .collect();
+    let install_failures: BTreeMap<(String, String), crate::store::InstallFailureRow> = store
+        .install_failures(stack)
+        .await
+        .map_err(ServiceError::from)?
+        .into_iter()
+        .map(|row| ((row.instance_id.clone(), row.bundle.clone()), row))
+        .collect();
     let mut bundles: BTreeSet<String> = approved.keys().cloned().collect();
     for instance in &instances {
         bundles.extend(instance.observed.iter().map(|release| release.bundle.clone()));
@@ -370,6 +378,7 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
                 .unwrap_or_default();
             *running.entry(running_version.clone()).or_default() += 1;
             let pinned = pins.get(&(instance.id.clone(), bundle.clone()));
+            let install_failure = install_failures.get(&(instance.id.clone(), bundle.clone()));
             let (state, reason) = if let Some(version) = pinned {
                 let reason = if *version == running_version {
                     format!("pinned to {version}")
@@ -381,6 +390,9 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
                 ("ok", String::new())
             } else if !deployment_id.is_empty() {
                 ("deploying", format!("deployment {deployment_id} is running"))
+            } else if let Some(failure) = install_failure {
+                let state = if running_version.is_empty() { "missing" } else { "drift" };
+                (state, failing_text(failure))
             } else if running_version.is_empty() {
                 ("missing", format!("does not run {bundle} ({})", presence.as_str()))
             } else {
@@ -392,8 +404,11 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
                     ),
                 )
             };
-            let health_row = health.get(&(instance.id.clone(), bundle.clone()));
-            let healthy = health_row.is_none_or(|row| row.healthy) && presence == Presence::Online;
+            // A verdict on another version than the one it runs (say, of a bundle it no longer runs) says nothing.
+            let health_row = health
+                .get(&(instance.id.clone(), bundle.clone()))
+                .filter(|row| !running_version.is_empty() && row.version == running_version);
+            let health_state = crate::health::health_state(health_row, presence == Presence::Online, now);
             rows.push(pb::InstanceStatus {
                 instance_id: instance.id.clone(),
                 hostname: instance.facts.hostname.clone(),
@@ -402,9 +417,19 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
                 running_version,
                 state: state.to_owned(),
                 reason,
-                healthy,
+                healthy: health_state == HealthState::Healthy,
                 health_detail: health_row.map(|row| row.detail.clone()).unwrap_or_default(),
                 healthy_since_unix_ms: health_row.map(|row| row.since_ms).unwrap_or_default(),
+                health: health_state.as_str().to_owned(),
+                app_restarts: health_row
+                    .map(|row| u32::try_from(row.app_restarts).unwrap_or(u32::MAX))
+                    .unwrap_or_default(),
+                last_exit: health_row.map(|row| row.last_exit.clone()).unwrap_or_default(),
+                last_exit_at_unix_ms: health_row.map(|row| row.last_exit_at_ms).unwrap_or_default(),
+                install_failure: install_failure
+                    .map(|failure| failure.reason.clone())
+                    .unwrap_or_default(),
+                install_failing_since_unix_ms: install_failure.map(|failure| failure.since_ms).unwrap_or_default(),
             });
         }
         statuses.push(pb::BundleStatus {
@@ -436,6 +461,16 @@ pub async fn stack_status(shared: &Shared, stack: &str) -> Result<pb::StackStatu
         out_of_service,
         duplicate_identity,
     })
+}
+
+/// "install failing since 2026-12-06T03:00:00Z: <the agent's error>".
+fn failing_text(failure: &crate::store::InstallFailureRow) -> String {
+    let since = std::time::UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(failure.since_ms).unwrap_or(0));
+    format!(
+        "install failing since {}: {}",
+        humantime::format_rfc3339_seconds(since),
+        failure.reason
+    )
 }
 
 fn display_version(version: &str) -> &str {

@@ -66,6 +66,23 @@ pub struct HealthRow {
     pub detail: String,
     pub since_ms: i64,
     pub observed_at_ms: i64,
+    /// The longest the agent lets pass between verdicts; 0 when it did not say (then the last
+    /// interval recorded is kept).
+    pub check_interval_ms: i64,
+    /// Restarts of the release's app, and why it last exited ("" if it never did).
+    pub app_restarts: i64,
+    pub last_exit: String,
+    pub last_exit_at_ms: i64,
+}
+
+/// An instance whose agent keeps failing to install the approved release of a bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstallFailureRow {
+    pub instance_id: String,
+    pub bundle: String,
+    pub version: String,
+    pub reason: String,
+    pub since_ms: i64,
 }
 
 fn to_u64(value: i64) -> u64 {
@@ -339,12 +356,15 @@ impl Store {
     /// Records a health report; `since` moves only when the verdict changes.
     pub async fn record_health(&self, health: &HealthRow) -> Result<(), StoreError> {
         sqlx::query(
-            "INSERT INTO instance_health (instance_id, bundle, version, healthy, detail, since, observed_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7) \
+            "INSERT INTO instance_health (instance_id, bundle, version, healthy, detail, since, observed_at, \
+               check_interval_ms, app_restarts, last_exit, last_exit_at) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (instance_id, bundle) DO UPDATE SET \
                since = CASE WHEN instance_health.healthy = $4 AND instance_health.version = $3 \
                             THEN instance_health.since ELSE $6 END, \
-               version = $3, healthy = $4, detail = $5, observed_at = $7",
+               version = $3, healthy = $4, detail = $5, observed_at = $7, \
+               check_interval_ms = CASE WHEN $8 > 0 THEN $8 ELSE instance_health.check_interval_ms END, \
+               app_restarts = $9, last_exit = $10, last_exit_at = $11",
         )
         .bind(&health.instance_id)
         .bind(&health.bundle)
@@ -353,9 +373,81 @@ impl Store {
         .bind(&health.detail)
         .bind(health.since_ms)
         .bind(health.observed_at_ms)
+        .bind(health.check_interval_ms)
+        .bind(health.app_restarts)
+        .bind(&health.last_exit)
+        .bind(health.last_exit_at_ms)
         .execute(&self.pool)
         .await?;
         Ok(())
+    }
+
+    /// Records that the agent of `failure.instance_id` keeps failing to install a bundle;
+    /// `true` when it was not failing before (the failure is news, for the audit trail).
+    pub async fn record_install_failure(&self, failure: &InstallFailureRow) -> Result<bool, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO install_failures (instance_id, bundle, version, reason, since) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (instance_id, bundle) DO NOTHING",
+        )
+        .bind(&failure.instance_id)
+        .bind(&failure.bundle)
+        .bind(&failure.version)
+        .bind(&failure.reason)
+        .bind(failure.since_ms)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            sqlx::query(
+                "UPDATE install_failures SET version = $3, reason = $4, since = $5 \
+                 WHERE instance_id = $1 AND bundle = $2",
+            )
+            .bind(&failure.instance_id)
+            .bind(&failure.bundle)
+            .bind(&failure.version)
+            .bind(&failure.reason)
+            .bind(failure.since_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(inserted)
+    }
+
+    /// Forgets an install failure; `true` when there was one.
+    pub async fn clear_install_failure(&self, instance_id: &str, bundle: &str) -> Result<bool, StoreError> {
+        let removed = sqlx::query("DELETE FROM install_failures WHERE instance_id = $1 AND bundle = $2")
+            .bind(instance_id)
+            .bind(bundle)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(removed > 0)
+    }
+
+    /// The installs that keep failing on instances of `stack`.
+    pub async fn install_failures(&self, stack: &str) -> Result<Vec<InstallFailureRow>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT f.instance_id, f.bundle, f.version, f.reason, f.since \
+             FROM install_failures f JOIN instances i ON i.id = f.instance_id WHERE i.stack = $1 \
+             ORDER BY f.instance_id, f.bundle",
+        )
+        .bind(stack)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(InstallFailureRow {
+                    instance_id: row.try_get("instance_id")?,
+                    bundle: row.try_get("bundle")?,
+                    version: row.try_get("version")?,
+                    reason: row.try_get("reason")?,
+                    since_ms: row.try_get("since")?,
+                })
+            })
+            .collect()
     }
 
     /// Records that `instance_id` now runs `version` of `bundle` (from its progress reports).
@@ -404,7 +496,8 @@ impl Store {
     /// The latest health of every instance of `stack`.
     pub async fn health(&self, stack: &str) -> Result<Vec<HealthRow>, StoreError> {
         let rows = sqlx::query(
-            "SELECT h.instance_id, h.bundle, h.version, h.healthy, h.detail, h.since, h.observed_at \
+            "SELECT h.instance_id, h.bundle, h.version, h.healthy, h.detail, h.since, h.observed_at, \
+               h.check_interval_ms, h.app_restarts, h.last_exit, h.last_exit_at \
              FROM instance_health h JOIN instances i ON i.id = h.instance_id WHERE i.stack = $1 \
              ORDER BY h.instance_id, h.bundle",
         )
@@ -421,6 +514,10 @@ impl Store {
                     detail: row.try_get("detail")?,
                     since_ms: row.try_get("since")?,
                     observed_at_ms: row.try_get("observed_at")?,
+                    check_interval_ms: row.try_get("check_interval_ms")?,
+                    app_restarts: row.try_get("app_restarts")?,
+                    last_exit: row.try_get("last_exit")?,
+                    last_exit_at_ms: row.try_get("last_exit_at")?,
                 })
             })
             .collect()
@@ -565,5 +662,68 @@ mod tests {
             .await
             .expect_err("no such deployment");
         assert!(matches!(missing, StoreError::NoSuchDeployment(_)), "{missing:?}");
+    }
+
+    /// An install that keeps failing is news once (for the audit trail), then kept up to date, and
+    /// ends once; a verdict keeps the agent's check interval when an exit report does not say it.
+    #[tokio::test]
+    async fn install_failures_and_health_details_are_kept() {
+        let (_dir, store) = store().await;
+        sqlx::query("INSERT INTO instances (id, stack, joined_at, last_seen) VALUES ('i-1', 'web', 0, 0)")
+            .execute(&store.pool)
+            .await
+            .expect("instance");
+        let failure = InstallFailureRow {
+            instance_id: "i-1".into(),
+            bundle: "app".into(),
+            version: "1.0".into(),
+            reason: "S3 unreachable".into(),
+            since_ms: 10,
+        };
+        assert!(store.record_install_failure(&failure).await.expect("record"));
+        let again = InstallFailureRow {
+            reason: "still unreachable".into(),
+            ..failure.clone()
+        };
+        assert!(!store.record_install_failure(&again).await.expect("record"));
+        assert_eq!(store.install_failures("web").await.expect("list"), [again]);
+        assert!(store.clear_install_failure("i-1", "app").await.expect("clear"));
+        assert!(!store.clear_install_failure("i-1", "app").await.expect("clear"));
+        assert!(store.install_failures("web").await.expect("list").is_empty());
+
+        let verdict = HealthRow {
+            instance_id: "i-1".into(),
+            bundle: "app".into(),
+            version: "1.0".into(),
+            healthy: true,
+            detail: String::new(),
+            since_ms: 20,
+            observed_at_ms: 20,
+            check_interval_ms: 7_000,
+            app_restarts: 0,
+            last_exit: String::new(),
+            last_exit_at_ms: 0,
+        };
+        store.record_health(&verdict).await.expect("record");
+        let exit = HealthRow {
+            healthy: false,
+            detail: "the app stopped: exited with code 1".into(),
+            since_ms: 30,
+            observed_at_ms: 30,
+            check_interval_ms: 0,
+            app_restarts: 0,
+            last_exit: "exited with code 1".into(),
+            last_exit_at_ms: 30,
+            ..verdict.clone()
+        };
+        store.record_health(&exit).await.expect("record");
+        let stored = store.health("web").await.expect("health");
+        assert_eq!(
+            stored,
+            [HealthRow {
+                check_interval_ms: 7_000,
+                ..exit
+            }]
+        );
     }
 }
