@@ -89,9 +89,9 @@ validate_service hooks and the health checks. Once the agent is connected again,
 the coordinator's desired state applies again: to keep the old release, roll
 back with `rollwave rollback STACK BUNDLE` as well.
 
-Rolling back again steps further back (2.0, 4.0, rollback: 2.0, rollback again: the release
-before 2.0), never forward to the release rolled back from; --to picks one that was current
-here before and is still on disk.
+Run again, it steps further back (2.0, 4.0, rollback: 2.0, again: the
+release before 2.0), never forward to the release rolled back from. --to
+picks one that was current here before and is still on disk.
 
 Exit codes: 0 switched back, 1 refused or failed, 2 usage.";
 

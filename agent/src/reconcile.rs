@@ -297,6 +297,28 @@ pub fn observed(installer: &Installer) -> Vec<pb::ObservedRelease> {
     releases
 }
 
+/// Releases whose `current` link still names them but whose directory is gone (moved or deleted
+/// under the running app). They count as no release for installs (see `Layout::inspect_current`),
+/// but health must not go blind on them: each gets an unhealthy verdict saying what is missing.
+fn vanished(installer: &Installer) -> Vec<pb::ObservedRelease> {
+    let layout = installer.layout();
+    crate::journal::BundleJournal::bundles(layout)
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|bundle| {
+            let target = std::fs::read_link(layout.current_link(&bundle)).ok()?;
+            let version = target.to_str()?.to_owned();
+            let plain = rollwave_release::validate_version(&version).is_ok() && !version.contains('/');
+            (plain && !layout.release_dir(&bundle, &version).exists()).then(|| pb::ObservedRelease {
+                sha256: String::new(),
+                bundle,
+                version,
+                state: "missing".into(),
+            })
+        })
+        .collect()
+}
+
 /// The health checks of `version` of `bundle` and the directory they run in, or why they
 /// cannot run: then the release cannot be healthy either.
 fn health_checks(installer: &Installer, bundle: &str, version: &str) -> Result<(Vec<HealthCheck>, PathBuf), String> {
@@ -443,6 +465,7 @@ pub async fn report_health(installer: Installer, reports: Reports) {
     loop {
         let releases: Vec<_> = observed(&installer)
             .into_iter()
+            .chain(vanished(&installer))
             // The activation runs the health checks itself and reports the outcome; a round
             // now could catch the app between its stop and its start and report a false
             // "unhealthy" (which would hold the next deployment's plan below its floor).

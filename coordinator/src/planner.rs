@@ -644,7 +644,7 @@ mod tests {
             "z1: a1 a2~; z2: b1~ b2~",
             rolling(1, "1", "75%"),
             expect![
-                "error: --min-healthy 75% means 3 of the stack's 4 instances must stay healthy during every wave, and 1 are healthy now: no wave could take a healthy instance out of service; lower --min-healthy to 0 or less, or make more instances healthy"
+                "error: --min-healthy 75% means 3 of the stack's 4 instances must stay healthy during every wave, and 1 is healthy now: no wave could take a healthy instance out of service; lower --min-healthy to 0 or less, or make more instances healthy"
             ],
         );
         check(

@@ -129,9 +129,9 @@ all at once (the previous release is still on the instances, so this is fast),
 and that release becomes the approved one again. Pinned instances stay as they
 are.
 
-Rolling back again steps further back through the approvals (2.0, 4.0, rollback: 2.0,
-rollback again: the release before 2.0), never forward to the release rolled back from.
---to picks any release approved on the stack before.
+Run again, it steps further back through the approvals (2.0, 4.0, rollback:
+2.0, again: the release before 2.0), never forward to the release rolled back
+from. --to picks any release approved on the stack before.
 
 Examples:
   rollwave rollback web site
@@ -157,14 +157,16 @@ Examples:
   rollwave unpin web site";
 
 const STATUS_HELP: &str = "\
-For every bundle: the approved version, how many instances run which version, the
-running deployment, and every instance that differs: drift (runs another version),
-pinned, deploying, missing (runs none; \"install failing since T: reason\" while its
-agent cannot install the approved release), or not healthy: unhealthy (with its health
-check's detail and since when), unknown (no verdict yet, or not online) or stale (its
-agent sent no verdict for 3 check intervals). RESTARTS counts restarts of the running
-release's app and says why it last exited. --output json lists every instance, with
-`health` (healthy|unhealthy|unknown|stale) beside the boolean `healthy`.
+For every bundle: the approved version, how many instances run which
+version, the running deployment, and every instance that differs: drift
+(runs another version), pinned, deploying, missing (runs none; \"install
+failing since T: reason\" while its agent cannot install the approved
+release), or not healthy: unhealthy (with its health check's detail and
+since when), unknown (no verdict yet, or not online) or stale (its agent
+sent no verdict for 3 check intervals). RESTARTS counts restarts of the
+running release's app and says why it last exited. --output json lists
+every instance, with `health` (healthy|unhealthy|unknown|stale) beside the
+boolean `healthy`.
 
 Without a stack, one line per stack and bundle, with how many instances differ.
 
