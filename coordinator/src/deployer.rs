@@ -376,6 +376,7 @@ impl Deployer {
             .into_iter()
             .find(|approval| approval.bundle == request.bundle)
             .map(|approval| approval.version);
+        options.first_release = previous.is_none();
         let epoch = shared.store.next_epoch().await?;
         let now = now_ms();
         let waves: Vec<Vec<String>> = plan.waves.iter().map(|wave| wave.instances.clone()).collect();

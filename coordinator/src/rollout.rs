@@ -109,6 +109,11 @@ pub struct RolloutOptions {
     /// option did.
     #[serde(default)]
     pub switch_back_batch: u32,
+    /// The stack had no approved release of the bundle: a switch back has no earlier release to return to, so
+    /// instances that need one fail it at once (they keep the release) rather than waiting out the healthy
+    /// deadline for an answer no agent sends.
+    #[serde(default)]
+    pub first_release: bool,
 }
 
 impl Default for RolloutOptions {
@@ -122,6 +127,7 @@ impl Default for RolloutOptions {
             rollback_on_failure: true,
             drain: false,
             switch_back_batch: 0,
+            first_release: false,
         }
     }
 }
@@ -1432,6 +1438,22 @@ impl Rollout {
     /// first when the deployment drains. An instance is out until it is back in service, so a batch starts only
     /// once the previous one has returned.
     fn send_switch_backs(&mut self, now_ms: i64, commands: &mut Vec<Command>) {
+        if self.options.first_release {
+            let due: Vec<String> = self
+                .instances_in_wave_order()
+                .filter(|(_, target)| target.state.needs_switch_back())
+                .map(|(instance, _)| instance.to_owned())
+                .collect();
+            for instance in due {
+                let failed = InstanceState::SwitchBackFailed {
+                    reason: "no earlier release to switch back to (the stack's first release of the bundle); \
+                             the instance keeps running it"
+                        .to_owned(),
+                };
+                self.set_state(&instance, failed, now_ms, true);
+            }
+            return;
+        }
         let out_of_rotation: Vec<String> = self
             .instances_in_wave_order()
             .filter(|(_, target)| {
@@ -1637,6 +1659,7 @@ mod tests {
             rollback_on_failure: true,
             drain: false,
             switch_back_batch: 0,
+            first_release: false,
         }
     }
 
@@ -2032,6 +2055,47 @@ mod tests {
                 41 undrained c
                     failed: 1 failure, 0 allowed; last: b: unhealthy after settling: GET /health: 503; 4 switched back
                     a=switched-back b=switched-back c=switched-back d=switched-back
+            "#]],
+        );
+    }
+
+    /// A failed first deployment (no release approved before) used to wait out the healthy deadline for switch
+    /// backs no agent could answer; it ends at once, saying why the instances keep the release.
+    #[test]
+    fn a_first_release_has_nothing_to_switch_back_to() {
+        check(
+            rollout(
+                &[&["a", "b"]],
+                RolloutOptions {
+                    first_release: true,
+                    ..options()
+                },
+            ),
+            "
+            0 start
+            1 prepared a b
+            2 activated a b
+            3 healthy a
+            61 tick
+            ",
+            expect![[r#"
+                0 start
+                    preparing: 2 preparing; 0 failures, 0 allowed
+                    a=preparing b=preparing
+                    > prepare a, prepare b
+                1 prepared a b
+                    wave 1/1: 2 activating; 0 failures, 0 allowed
+                    a=activating b=activating
+                    > activate a, activate b
+                2 activated a b
+                    wave 1/1: 2 activated; 0 failures, 0 allowed
+                    a=activated b=activated
+                3 healthy a
+                    wave 1/1: 1 activated, 1 healthy; 0 failures, 0 allowed
+                    a=healthy b=activated
+                61 tick
+                    failed: 1 failure, 0 allowed; last: b: not healthy for 10s within 1m of activation; could not switch back: a, b
+                    a=switch-back-failed b=switch-back-failed
             "#]],
         );
     }
@@ -3534,7 +3598,8 @@ mod tests {
                 "bake_ms": 0,
                 "rollback_on_failure": true,
                 "drain": false,
-                "switch_back_batch": 0
+                "switch_back_batch": 0,
+                "first_release": false
               },
               "waves": [
                 [
@@ -3683,6 +3748,7 @@ mod tests {
                         rollback_on_failure: rollback,
                         drain,
                         switch_back_batch,
+                        first_release: false,
                     }
                 },
             )

@@ -74,8 +74,9 @@ pub fn request_from_proto(request: pb::CreateDeploymentRequest) -> Result<Deploy
         rollback_on_failure: options.rollback_on_failure.unwrap_or(true),
         // Decided by the deployer from the stack's traffic settings and `drain` below.
         drain: false,
-        // Decided by the deployer from the plan.
+        // Decided by the deployer from the plan and the stack's approvals.
         switch_back_batch: 0,
+        first_release: false,
     };
     Ok(DeploymentRequest {
         stack: request.stack,
