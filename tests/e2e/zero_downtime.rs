@@ -32,6 +32,9 @@ enum App {
     FailsHealth,
     /// Exits at once.
     DoesNotStart,
+    /// Serves and is healthy until its instance's `state/unhealthy` exists: a release that goes
+    /// bad after its wave settled.
+    GoesBad,
 }
 
 /// The first line of the proof's Python scripts: the test interpreter itself, without `site`, so
@@ -48,11 +51,12 @@ fn app_script(app: App) -> String {
         App::Good => ("True", "True"),
         App::FailsHealth => ("False", "True"),
         App::DoesNotStart => ("True", "False"),
+        App::GoesBad => ("not pathlib.Path(\"../../../unhealthy\").exists()", "True"),
     };
     format!(
         r#"{shebang}
 # The proof's app: its version on /, its health on /health.
-import http.server, os, pathlib, sys
+import http.server, os, pathlib, sys, time
 if not {starts}:
     sys.exit("app: this release is broken on purpose and does not start")
 port = int(pathlib.Path("../../../app-port").read_text())
@@ -62,6 +66,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/health":
             status, body = (200, b"ok") if {healthy} else (503, b"database unreachable")
+        elif self.path == "/slow":
+            # A long request (a report, an upload): still in flight when an instance goes out.
+            time.sleep(2)
+            status, body = 200, version
         else:
             status, body = 200, version
         self.send_response(status)
@@ -420,6 +428,105 @@ fn rolling_deployments_under_load_fail_no_request() {
         );
         assert_eq!(site.current_everywhere(), vec![Some("2.0".to_owned()); INSTANCES]);
         assert!(site.out_of_service().is_empty(), "{:?}", site.out_of_service());
+    }
+}
+
+/// Field trial: when an instance failed after its wave had settled, every switched instance was
+/// switched back at once and without drain, and long requests in flight got HTTP 502. Here the
+/// canary goes bad while a later wave runs; the instances that settled on the release go back a
+/// batch at a time (one: the floor of 5 of 6 spares one), each drained first, and neither short
+/// nor long requests fail.
+#[test]
+fn a_release_that_goes_bad_after_settling_is_switched_back_drained_in_batches() {
+    let site = Site::start();
+    let haproxy = site.haproxy();
+    site.use_haproxy(&haproxy);
+    site.push("5.0", App::GoesBad);
+    site.wait_all_healthy();
+
+    let short = Load::start(haproxy.frontend_port, LOAD_RATE);
+    // Two-second requests, five a second: about ten always in flight.
+    let long = Load::start_path(haproxy.frontend_port, 5, "/slow");
+    let started = Instant::now();
+    // A second of bake between waves leaves the canary's next health rounds time to report it bad
+    // before the last wave, on a busy machine too.
+    let mut args = vec!["deploy", "web", "app@5.0", "--output", "json", "--bake", "1s"];
+    args.extend(QUICK);
+    let created = site.fleet.cluster.coordinator.cli_json(&args);
+    let id = created["id"].as_str().expect("deployment id").to_owned();
+    let canary_id = created["waves"][0]["instances"][0]["instance_id"]
+        .as_str()
+        .expect("a canary")
+        .to_owned();
+    let canary = site.fleet.index_of(&canary_id);
+    wait_for("the third wave to start", || {
+        let shown = site.fleet.show(&id);
+        let summary = shown["summary"].as_str().unwrap_or_default().to_owned();
+        let wave: usize = summary
+            .strip_prefix("wave ")
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|number| number.parse().ok())
+            .unwrap_or(0);
+        assert_ne!(
+            shown["status"], "succeeded",
+            "finished before the canary went bad: {shown}"
+        );
+        (wave >= 3).then_some(())
+    });
+    std::fs::write(site.fleet.agent_root(canary).join("unhealthy"), b"").expect("make the canary go bad");
+    let deployment = site.fleet.wait_finished(&id);
+    let took = started.elapsed();
+    site.wait_all_in_rotation(&haproxy, None);
+    let short = short.stop();
+    let long = long.stop();
+    print_figures("6 (goes bad after settling, short requests)", &short, took);
+    print_figures("6 (goes bad after settling, long requests)", &long, took);
+
+    assert_eq!(deployment["status"], "failed", "{deployment}");
+    assert!(
+        deployment["failures"][0]
+            .as_str()
+            .is_some_and(|failure| failure.starts_with(&canary_id) && failure.contains("unhealthy after settling")),
+        "the canary failed after settling: {deployment}"
+    );
+    assert!(short.failures.is_empty(), "short requests failed: {:?}", short.failures);
+    assert!(long.failures.is_empty(), "long requests failed: {:?}", long.failures);
+    assert!(long.sent >= 20, "the long load ran: {}", long.summary());
+    assert_eq!(site.current_everywhere(), vec![Some("1.0".to_owned()); INSTANCES]);
+    assert!(site.out_of_service().is_empty(), "{:?}", site.out_of_service());
+
+    // Every instance that settled on 5.0 was drained twice (its wave, then its switch back) and
+    // switched back by the coordinator, which the audit trail records.
+    let traffic = site.traffic_events();
+    let events = site
+        .fleet
+        .cluster
+        .coordinator
+        .cli_json(&["event", "list", "--limit", "1000"]);
+    let switched_back: Vec<String> = events
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|event| event["action"] == "deployment.switch_back")
+        .filter_map(|event| event["target"].as_str().map(str::to_owned))
+        .collect();
+    let settled_waves = &deployment["waves"].as_array().expect("waves")[..2];
+    for wave in settled_waves {
+        for instance in wave["instances"].as_array().expect("instances") {
+            let instance = instance["instance_id"].as_str().expect("id");
+            let drains = traffic
+                .iter()
+                .filter(|(action, target, outcome)| action == "traffic.drain" && target == instance && outcome == "ok")
+                .count();
+            assert_eq!(
+                drains, 2,
+                "{instance}: drained for its wave and for its switch back: {traffic:?}"
+            );
+            assert!(
+                switched_back.iter().any(|target| target == instance),
+                "{instance} switched back by the coordinator: {switched_back:?}"
+            );
+        }
     }
 }
 

@@ -86,6 +86,12 @@ pub struct Load {
 impl Load {
     /// Sends `GET /` to `127.0.0.1:port`, `per_second` times a second, each on a new connection.
     pub fn start(port: u16, per_second: u32) -> Self {
+        Self::start_path(port, per_second, "/")
+    }
+
+    /// As [`Load::start`], with `GET path` (an app's slow endpoint, say, for requests that are
+    /// still in flight when an instance is taken out).
+    pub fn start_path(port: u16, per_second: u32, path: &'static str) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
         let stopping = Arc::clone(&stop);
         let runner = std::thread::spawn(move || {
@@ -94,7 +100,7 @@ impl Load {
                 .enable_all()
                 .build()
                 .expect("a tokio runtime for the load");
-            runtime.block_on(run(port, per_second, stopping))
+            runtime.block_on(run(port, per_second, path, stopping))
         });
         Load {
             stop,
@@ -119,7 +125,7 @@ impl Drop for Load {
     }
 }
 
-async fn run(port: u16, per_second: u32, stop: Arc<AtomicBool>) -> LoadReport {
+async fn run(port: u16, per_second: u32, path: &'static str, stop: Arc<AtomicBool>) -> LoadReport {
     let interval = Duration::from_secs(1) / per_second.max(1);
     let started = Instant::now();
     let mut ticker = tokio::time::interval(interval);
@@ -129,7 +135,7 @@ async fn run(port: u16, per_second: u32, stop: Arc<AtomicBool>) -> LoadReport {
         let scheduled = ticker.tick().await.into_std();
         let at_ms = unix_ms(SystemTime::now());
         requests.push(tokio::spawn(async move {
-            let outcome = tokio::time::timeout(REQUEST_TIMEOUT, get(port)).await;
+            let outcome = tokio::time::timeout(REQUEST_TIMEOUT, get(port, path)).await;
             let outcome = match outcome {
                 Ok(result) => result,
                 Err(_) => Err(format!("no answer within {REQUEST_TIMEOUT:?}")),
@@ -157,12 +163,12 @@ async fn run(port: u16, per_second: u32, stop: Arc<AtomicBool>) -> LoadReport {
 }
 
 /// One GET on a new connection; the body of a 200, else what went wrong.
-async fn get(port: u16) -> Result<String, String> {
+async fn get(port: u16, path: &str) -> Result<String, String> {
     let mut stream = TcpStream::connect((Ipv4Addr::LOCALHOST, port))
         .await
         .map_err(|error| format!("connect: {error}"))?;
     stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: proof\r\nConnection: close\r\n\r\n")
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: proof\r\nConnection: close\r\n\r\n").as_bytes())
         .await
         .map_err(|error| format!("send: {error}"))?;
     let mut response = Vec::new();
