@@ -283,7 +283,8 @@ impl BundleJournal {
                     if activation.rollback {
                         Step::RolledBackTo(activation.version.as_str())
                     } else {
-                        Step::Forward(activation.version.as_str())
+                        // A coordinator's switch back or rollback looks like any activation here.
+                        Step::Became(activation.version.as_str())
                     }
                 });
                 let mut stack = rollback_stack(steps);
@@ -329,6 +330,14 @@ mod tests {
         assert_eq!(target(&journal, "2.0", Some("9.9")), None, "never current here");
         journal.record_activation("1.0", "a", 2, true);
         assert_eq!(target(&journal, "1.0", None), None, "nothing earlier");
+
+        // The coordinator switched 4.0 back to 2.0 (a plain activation here): not 4.0 either.
+        let mut journal = BundleJournal::default();
+        for (version, sha) in [("1.0", "a"), ("2.0", "b"), ("4.0", "c"), ("2.0", "b")] {
+            journal.prepared.insert(version.into(), sha.into());
+            journal.record_activation(version, sha, 0, false);
+        }
+        assert_eq!(target(&journal, "2.0", None).as_deref(), Some("1.0"));
     }
 
     #[test]

@@ -437,6 +437,8 @@ impl Deployer {
             tracing::info!(deployment = %live.row.id, "resuming a deployment after restart");
             advance(shared, &mut live, Input::Restarted, now_ms()).await?;
             if !live.record.rollout.is_finished() {
+                // Commands lost to the crash that `outstanding` does not re-send (a Revert).
+                settle_wishes(shared, &live, false).await?;
                 running.insert(live.row.id.clone(), live);
             }
         }
@@ -778,13 +780,17 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
         return Ok(());
     }
     let was_finished = live.record.rollout.is_finished();
-    live.record.rollout = next;
-    let status = status_of(&live.record.rollout);
-    let finished_now = live.record.rollout.is_finished() && !was_finished;
+    // The step is taken in memory only once it is stored: a write that fails (other than by a
+    // stale generation, handled below) leaves memory as it was, so nothing believes commands
+    // went out that never did, and the next input retries from the stored state.
+    let mut record = live.record.clone();
+    record.rollout = next;
+    let status = status_of(&record.rollout);
+    let finished_now = record.rollout.is_finished() && !was_finished;
     if finished_now {
-        live.record.reason = reason_of(&live.record.rollout);
+        record.reason = reason_of(&record.rollout);
     }
-    let state = encode(&live.record)?;
+    let state = encode(&record)?;
     // Fenced by the generation this step started from; success approves in the same transaction.
     let update = DeploymentUpdate {
         expected_generation: live.row.generation,
@@ -792,7 +798,7 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
         state: &state,
         now_ms: now,
         approve: finished_now && status == "succeeded",
-        rollback: live.record.rollback,
+        rollback: record.rollback,
     };
     live.row.generation = match shared.store.update_deployment(&live.row.id, &update).await {
         Ok(generation) => generation,
@@ -803,6 +809,7 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
             return Err(error);
         }
     };
+    live.record = record;
     live.row.status = status.to_owned();
     live.row.state = state;
     live.row.updated_at_ms = now;
@@ -834,18 +841,7 @@ async fn advance(shared: &Shared, live: &mut Live, input: Input, now: i64) -> Re
         }
     }
     if finished_now {
-        // Targets that never switched drop the release they prepared.
-        let targets: Vec<String> = live.record.rollout.targets.keys().cloned().collect();
-        for instance in targets {
-            let Ok(record) = shared.store.get_instance(&instance).await else {
-                continue;
-            };
-            let mut wish = wishes::wish_of(shared, &instance, &record.stack).await?;
-            let key = (live.row.bundle.clone(), live.row.version.clone());
-            if wish.prepare.remove(&key) {
-                wishes::send(shared, &instance, &wish).await?;
-            }
-        }
+        settle_wishes(shared, live, true).await?;
         shared
             .audit(
                 "coordinator",
@@ -872,6 +868,50 @@ async fn adopt_stored(shared: &Shared, live: &mut Live) {
         Ok((row, record)) => *live = Live { row, record },
         Err(error) => tracing::error!(deployment = %live.row.id, %error, "cannot reload the stored deployment"),
     }
+}
+
+/// Brings the stored wishes of a deployment's targets in line with its state, idempotently: an
+/// instance that is back on the previous release (it switched itself back, or never switched) is
+/// not wished the deployment's release (a Revert lost to a coordinator crash between persisting a
+/// step and sending it is made good here, at restart and at the end); and, once the deployment
+/// has `finished`, targets drop the release they prepared and their wish no longer names the
+/// deployment, so the agent treats it as the stack's approved state again (an install of it that
+/// fails is retried and reported, not left to a deployment that is over).
+async fn settle_wishes(shared: &Shared, live: &Live, finished: bool) -> Result<(), StoreError> {
+    let bundle = &live.row.bundle;
+    let key = (bundle.clone(), live.row.version.clone());
+    for (instance, target) in &live.record.rollout.targets {
+        let back_on_previous = matches!(
+            target.state,
+            InstanceState::Failed {
+                needs_switch_back: false,
+                ..
+            } | InstanceState::SwitchedBack
+                | InstanceState::Pending
+                | InstanceState::Preparing
+                | InstanceState::Prepared
+        );
+        let Ok(record) = shared.store.get_instance(instance).await else {
+            continue;
+        };
+        let mut wish = wishes::wish_of(shared, instance, &record.stack).await?;
+        let mut changed = false;
+        if back_on_previous && wish.active.get(bundle) == Some(&live.row.version) {
+            apply_change(&mut wish, live, Action::Revert);
+            changed = true;
+        }
+        if finished {
+            changed |= wish.prepare.remove(&key);
+            if wish.deployment_id == live.row.id {
+                wish.deployment_id.clear();
+                changed = true;
+            }
+        }
+        if changed {
+            wishes::send(shared, instance, &wish).await?;
+        }
+    }
+    Ok(())
 }
 
 fn apply_change(wish: &mut Wish, live: &Live, change: Action) {

@@ -5,8 +5,10 @@
 //! Each entry of the history, oldest first, is either a release that was put in place by going
 //! forward (a deployment, an install) or one that a rollback returned to. Going forward pushes
 //! the release; a rollback to `V` pops releases until `V` is on top (or, when `V` is no longer on
-//! the stack, say after `--to` picked an older one, empties it and pushes `V`). The release in
-//! place is the top of the stack; a plain rollback returns to the one below it.
+//! the stack, say after `--to` picked an older one, empties it and pushes `V`). An agent, which
+//! cannot tell a coordinator's switch back from a deployment, reads a release that became current
+//! again as a return to it. The release in place is the top of the stack; a plain rollback returns
+//! to the one below it.
 //!
 //! ```text
 //! deploy 1.0, deploy 2.0, deploy 4.0          stack 1.0 2.0 4.0   rollback → 2.0
@@ -21,6 +23,9 @@ pub enum Step<'a> {
     Forward(&'a str),
     /// A rollback returned to the release.
     RolledBackTo(&'a str),
+    /// The release became current without saying why (an agent cannot tell a coordinator's switch
+    /// back or rollback from a deployment): a return to it when it is on the stack, else forward.
+    Became(&'a str),
 }
 
 /// The releases a rollback may step back through: the bottom first, the release in place last.
@@ -33,7 +38,8 @@ pub fn rollback_stack<'a>(history: impl IntoIterator<Item = Step<'a>>) -> Vec<&'
                     stack.push(version);
                 }
             }
-            Step::RolledBackTo(version) => {
+            Step::Became(version) if !stack.contains(&version) => stack.push(version),
+            Step::RolledBackTo(version) | Step::Became(version) => {
                 while stack.last().is_some_and(|top| *top != version) {
                     stack.pop();
                 }
@@ -61,14 +67,16 @@ pub fn rollback_target<'a>(stack: &[&'a str], usable: impl Fn(&str) -> bool) -> 
 mod tests {
     use super::*;
 
-    /// `+V` goes forward to V, `<V` rolls back to V; returns the stack and the plain rollback target.
+    /// `+V` goes forward to V, `<V` rolls back to V, `=V` became current (either); returns the stack
+    /// and the plain rollback target.
     fn check(script: &str) -> (String, Option<String>) {
         let steps: Vec<Step<'_>> = script
             .split_whitespace()
             .map(|word| match word.split_at(1) {
                 ("+", version) => Step::Forward(version),
                 ("<", version) => Step::RolledBackTo(version),
-                _ => panic!("{word:?}: write +V or <V"),
+                ("=", version) => Step::Became(version),
+                _ => panic!("{word:?}: write +V, <V or =V"),
             })
             .collect();
         let stack = rollback_stack(steps);
@@ -96,6 +104,10 @@ mod tests {
             ("+3 +4 <1", ("1", None)),
             // Forward to a release seen before (a redeploy of 1 after 2): it goes on top again.
             ("+1 +2 +1", ("1 2 1", Some("2"))),
+            // The agent's view: a coordinator's switch back or rollback to 2 reads as a return.
+            ("=1 =2 =4 =2", ("1 2", Some("1"))),
+            ("=1 =2 =4 =2 =5", ("1 2 5", Some("2"))),
+            ("=1 =2 =4 =2 <1", ("1", None)),
         ];
         for (script, (stack, target)) in cases {
             assert_eq!(

@@ -29,8 +29,17 @@ fn raise_file_limit() -> u64 {
 }
 
 /// File descriptors the process `pid` has open.
+/// The sockets `pid` holds open (files such as the database's, which its pool opens lazily, do
+/// not count: they would move the baseline for reasons that have nothing to do with connections).
 fn open_files(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |entries| {
+        entries
+            .flatten()
+            .filter(|entry| {
+                std::fs::read_link(entry.path()).is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+            })
+            .count()
+    })
 }
 
 /// A TLS connection from `source` to the public face that finishes its handshake and then says

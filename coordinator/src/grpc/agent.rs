@@ -410,7 +410,8 @@ async fn record_install_failure(shared: &Shared, instance_id: &str, event: &pb::
                 )
             })
         })
-    } else {
+    } else if event.state == "done" {
+        // Only an install that worked ends the failure (a deployment's failed prepare does not).
         shared
             .store
             .clear_install_failure(instance_id, &event.bundle)
@@ -424,6 +425,8 @@ async fn record_install_failure(shared: &Shared, instance_id: &str, event: &pb::
                     )
                 })
             })
+    } else {
+        Ok(None)
     };
     match outcome {
         Ok(Some((action, result, detail))) => {
