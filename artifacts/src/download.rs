@@ -69,6 +69,10 @@ pub enum DownloadError {
     )]
     Oversized { object: String, expected: u64 },
     #[error(
+        "{object}: the object is shorter than the registered {expected} bytes; it was changed after it was registered; push a new version"
+    )]
+    Undersized { object: String, expected: u64 },
+    #[error(
         "{object}: sha256 mismatch (expected {expected}, got {actual}); the object was changed after it was registered; push a new version"
     )]
     Sha256Mismatch {
@@ -210,8 +214,20 @@ async fn fetch_range(
     if *offset > 0 {
         request = request.range(format!("bytes={}-", *offset));
     }
+    let undersized = || {
+        let _ = std::fs::remove_file(partial);
+        AttemptError::Fatal(DownloadError::Undersized {
+            object: object.describe(),
+            expected: object.size,
+        })
+    };
     let response = match tokio::time::timeout(options.stall_timeout, request.send()).await {
         Err(_) => return Err(AttemptError::Transient("no response within the stall timeout".into())),
+        // A resume whose range starts past the object's end: the object is shorter than
+        // registered (replaced), which no retry mends.
+        Ok(Err(SdkError::ServiceError(context))) if context.raw().status().as_u16() == 416 => {
+            return Err(undersized());
+        }
         Ok(Err(error)) if is_transient(&error) => {
             return Err(AttemptError::Transient(DisplayErrorContext(&error).to_string()));
         }
@@ -229,11 +245,16 @@ async fn fetch_range(
             expected: object.size,
         })
     };
-    if let Some(length) = response.content_length()
-        && offset.saturating_add(u64::try_from(length).unwrap_or(u64::MAX)) > object.size
-    {
-        let _ = std::fs::remove_file(partial);
-        return Err(oversized());
+    if let Some(length) = response.content_length() {
+        let end = offset.saturating_add(u64::try_from(length).unwrap_or(u64::MAX));
+        if end > object.size {
+            let _ = std::fs::remove_file(partial);
+            return Err(oversized());
+        }
+        if end < object.size {
+            // The whole rest of the object was asked for and it ends early: not a cut connection.
+            return Err(undersized());
+        }
     }
     let file = OpenOptions::new()
         .create(true)
